@@ -76,6 +76,7 @@ def train_autoencoder(cfg, out, device, resume, log, stop_at=None):
         print(f"autoencoder: already finished in {stage_path(out, 'autoencoder')}")
         return
     data = load_dataset(cfg.data.public, cfg.data, "public")
+    torch.manual_seed(cfg.run.seed)  # initialisation
     ae = build_autoencoder(cfg).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=c.ae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -142,7 +143,7 @@ def train_pretrain(cfg, out, device, resume, log, stop_at=None):
     data = load_dataset(cfg.data.public, cfg.data, "public")
     mean, std = encode_all(ae, data, device)
     labels = data.y.to(device)
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # initialisation
     unet = build_unet(cfg).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     diffusion = build_diffusion(cfg)

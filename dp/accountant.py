@@ -147,7 +147,7 @@ def _log_sub(log_x: float, log_y: float) -> float:
 def _log_erfc(x: float) -> float:
     """log(erfc(x)), accurate where erfc(x) underflows (x above about 26).
 
-    For x < 25, math.erfc keeps full relative precision (erfc(25) is about 8e-274). Above, the
+    For x < 25, math.erfc keeps full relative precision (erfc(25) is about 8.3e-274). Above, the
     asymptotic expansion erfc(x) = exp(-x^2) / (x sqrt(pi)) * (1 - 1/(2x^2) + 3/(4x^4)
     - 15/(8x^6) + ...) (Abramowitz & Stegun 7.1.23) is used; the first omitted term is
     below 1e-10 relative at x = 25.
@@ -521,8 +521,13 @@ def _report(args: argparse.Namespace) -> dict:
     validate_privacy_params(epsilon=args.epsilon, delta=args.delta, q=args.q, steps=args.steps,
                             sigma=args.sigma, n=args.n)
     mode = "calibrate" if args.epsilon is not None else "account"
-    sigma = args.sigma if mode == "account" else calibrate_sigma(args.epsilon, args.q, args.steps, args.delta)
-    result = compute_epsilon(sigma, args.q, args.steps, args.delta)
+    if mode == "account":
+        sigma = args.sigma
+    else:
+        sigma = calibrate_sigma(args.epsilon, args.q, args.steps, args.delta)
+    with warnings.catch_warnings():  # a fallback is printed once, as the "warning:" line of `main`
+        warnings.filterwarnings("ignore", message="prv-accountant failed", category=RuntimeWarning)
+        result = compute_epsilon(sigma, args.q, args.steps, args.delta)
     return {"mode": mode, "target_epsilon": args.epsilon, "sigma": sigma, "q": args.q,
             "steps": args.steps, "delta": args.delta, "n": args.n, **dataclasses.asdict(result),
             "neighbouring_relation": neighbouring_relation, "sampling": "Poisson"}

@@ -93,13 +93,14 @@ def private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, dp
     """
     mean, std = latents
     names = list(params)
+    # every example's randomness is drawn for the whole logical batch first, so that the split into
+    # micro-batches cannot change which posterior sample, timestep and noise an example gets
+    z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=loss_gen).to(mean.device)
+    t, eps = diffusion.draw(z0, loss_gen)  # one timestep and one noise draw per example
 
     def micro_batches():
-        for chunk in idx.split(dp_cfg.physical_batch):
-            noise = torch.randn(mean[chunk].shape, generator=loss_gen).to(mean.device)
-            z0 = mean[chunk] + std[chunk] * noise  # one posterior sample per example
-            t, eps = diffusion.draw(z0, loss_gen)  # one timestep and one noise draw per example
-            grads = per_sample_grads(unet, diffusion, params, z0, labels[chunk], t, eps)
+        for chunk in torch.arange(len(idx)).split(dp_cfg.physical_batch) if len(idx) else ():
+            grads = per_sample_grads(unet, diffusion, params, z0[chunk], labels[idx[chunk]], t[chunk], eps[chunk])
             yield [grads[n] for n in names]
         if extra_grads is not None:
             yield extra_grads
@@ -139,7 +140,8 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
     opt = opt_cls(params.values(), lr=d.lr, weight_decay=d.weight_decay)
     sample_gen, noise_gen = secret_generators(d.noise_seed)
     loss_gen = torch.Generator().manual_seed(cfg.run.seed + 3)
-    ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"))
+    ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"), sigma, q, d.clip)
+    ledger.check_mechanism()
     if resume and os.path.exists(path):
         restore(path, cfg, unet, ema, opt, loss_gen, sample_gen, noise_gen)
     elif ledger.steps:
@@ -163,7 +165,7 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
         if stop_at is not None and step >= stop_at:
             return None
         idx = poisson_sample(len(data), q, sample_gen).to(device)
-        ledger.record(step, sigma, q, d.clip)  # durable before the update below is applied
+        ledger.record(step)  # durable before the update below is applied
         grads = private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, d, sigma,
                                  divisor=q * len(data), seed=draw_seed(noise_gen))
         apply_update(opt, list(params.values()), grads, lr_at(step, d.lr, d.warmup))

@@ -3,8 +3,9 @@
 Each entry records (step, sigma, q, clip). It is appended, flushed and fsynced before the noisy
 gradient of that step touches the model, so a kill at any point leaves a ledger that counts every step
 whose update might have been applied. A truncated last line (a kill while writing) still counts as a
-spent step: counting too many steps only overstates epsilon. On resume the ledger is continued, and
-steps taken after the last checkpoint still count although their updates were lost.
+spent step: it is replaced, atomically, by a complete entry marked "recovered". Counting too many steps
+only overstates epsilon. On resume the ledger is continued, and steps taken after the last checkpoint
+still count although their updates were lost.
 """
 
 import json
@@ -12,14 +13,16 @@ import os
 import time
 
 from dp.accountant import compute_epsilon
+from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import UserError
 
 
 class PrivacyLedger:
-    def __init__(self, path):
+    def __init__(self, path, sigma, q, clip):
+        """Open (or start) the ledger at `path` for a run with this mechanism (sigma, q, clip)."""
         self.path = path
+        self.mechanism_now = dict(sigma=sigma, q=q, clip=clip)
         self.entries = []
-        self.truncated = 0
         if os.path.exists(path):
             self._read()
 
@@ -35,35 +38,40 @@ class PrivacyLedger:
                 if i != len(lines) - 1:  # only the last, unterminated line may be cut short
                     raise UserError(f"privacy ledger {self.path} is corrupt at line {i + 1}; "
                                     f"it cannot be trusted, start a new run") from None
-                self.truncated += 1  # a kill while writing the last entry: count it as spent
+                self._recover()
+
+    def _recover(self):
+        """A kill while writing the last entry: that step counts as spent. Rewrite the file with it complete."""
+        self.entries.append({"step": len(self.entries), **self.mechanism_now, "recovered": True})
+        text = "".join(json.dumps(e) + "\n" for e in self.entries).encode()
+        atomic_write_bytes(self.path, lambda f: f.write(text))
 
     @property
     def steps(self):
-        """Logical steps spent, including a truncated last entry."""
-        return len(self.entries) + self.truncated
+        """Logical steps spent."""
+        return len(self.entries)
 
-    def record(self, step, sigma, q, clip):
+    def record(self, step):
         """Append one step and make it durable before the caller applies the update."""
-        entry = {"step": step, "sigma": sigma, "q": q, "clip": clip, "time": round(time.time(), 3)}
+        entry = {"step": step, **self.mechanism_now, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
-            if self.truncated:  # finish the broken line so the file stays one object per line
-                f.write("\n")
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.entries.append(entry)
 
-    def mechanism(self):
-        """The one (sigma, q) of every entry; a ledger that mixes several is refused."""
-        kinds = {(e["sigma"], e["q"]) for e in self.entries}
-        if len(kinds) > 1:
-            raise UserError(f"privacy ledger {self.path} mixes several (sigma, q): {sorted(kinds)}; "
-                            f"this accountant composes one mechanism only")
-        return kinds.pop() if kinds else None
+    def check_mechanism(self):
+        """Every recorded step used this run's (sigma, q, clip); a ledger that mixes several is refused."""
+        now = self.mechanism_now
+        other = [e for e in self.entries if any(e[k] != now[k] for k in now)]
+        if other:
+            raise UserError(f"privacy ledger {self.path} has steps with sigma={other[0]['sigma']}, q={other[0]['q']}, "
+                            f"clip={other[0]['clip']} but this run uses {now}; resume with the same settings "
+                            f"or choose another --out")
 
-    def epsilon(self, delta, sigma=None, q=None):
-        """Accounted (epsilon, delta) of every spent step: an EpsilonResult (see dp/accountant.py)."""
-        kind = self.mechanism() or (sigma, q)
-        if self.steps == 0 or kind[0] is None:
+    def epsilon(self, delta):
+        """Accounted (epsilon, delta) of every spent step: an EpsilonResult (see dp/accountant.py), or None."""
+        if not self.entries:
             return None
-        return compute_epsilon(sigma=kind[0], q=kind[1], steps=self.steps, delta=delta)
+        return compute_epsilon(sigma=self.mechanism_now["sigma"], q=self.mechanism_now["q"], steps=self.steps,
+                               delta=delta)

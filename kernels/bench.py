@@ -110,8 +110,10 @@ def copy_bandwidth(device, repeats):
 
 
 def free_bytes(device):
+    """Memory available for the next configuration (on CUDA, counting the allocator's unused cache)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     with open("/proc/meminfo") as f:  # Linux; elsewhere no check
         info = dict(line.split(":", 1) for line in f)
     return int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else float("inf")

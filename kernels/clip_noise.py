@@ -109,9 +109,12 @@ def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, retur
         sq += torch.linalg.vector_norm(f, dim=1, dtype=torch.float32).square()
     norms = sq.sqrt()  # (B,)
     factor = (max_norm / (norms + EPS)).clamp(max=1.0)  # (B,)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    noise = torch.randn(sum(f.shape[1] for f in flat), generator=gen, device=device, dtype=torch.float32)
+    n_cols = sum(f.shape[1] for f in flat)
+    noise = torch.zeros(n_cols, device=device)  # noise_std = 0 (a micro-batch's share): no draw needed
+    if noise_std > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        noise = torch.randn(n_cols, generator=gen, device=device, dtype=torch.float32)
     outs, offset = [], 0
     for f, g in zip(flat, tensors):
         n = f.shape[1]
@@ -290,7 +293,7 @@ def _clip_sum_noise_kernel(
         acc = (acc + noise_std * tl.randn(seed, out_cols)) / divisor
         tl.store(out_ptr + out_cols, acc, mask=col_mask)
     else:
-        tl.store(out_ptr + split * out_split_stride + out_cols, acc, mask=col_mask)
+        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + out_cols, acc, mask=col_mask)
 
 
 def _noise_finish_kernel(
@@ -307,16 +310,20 @@ def _noise_finish_kernel(
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(n_splits):
-        acc += tl.load(partial_ptr + s * n_cols + cols, mask=mask, other=0.0)
+    ptrs = partial_ptr + cols
+    for _ in range(n_splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += n_cols  # pointer arithmetic: 64-bit
     acc = (acc + noise_std * tl.randn(seed, cols)) / divisor
     tl.store(out_ptr + cols, acc, mask=mask)
 
 
 if triton is not None:  # decorated here so the functions above stay readable as plain code
+    # Sizes that change every step (Poisson batch size, seed) are not specialised: no recompiles.
     _sq_norm_kernel = triton.jit(_sq_norm_kernel)
-    _clip_sum_noise_kernel = triton.jit(_clip_sum_noise_kernel, do_not_specialize=["seed"])
-    _noise_finish_kernel = triton.jit(_noise_finish_kernel, do_not_specialize=["seed"])
+    _clip_sum_noise_kernel = triton.jit(_clip_sum_noise_kernel, do_not_specialize=["n_rows", "rows_per_program",
+                                                                                   "seed"])
+    _noise_finish_kernel = triton.jit(_noise_finish_kernel, do_not_specialize=["n_splits", "seed"])
 
 _TL_DTYPES = {} if tl is None else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                                      torch.float16: tl.float16}
@@ -348,10 +355,11 @@ class TritonConfig:
 
 def _rows_per_program(n_rows, n_blocks, device):
     """Split the examples across programs only when the coordinate blocks cannot fill the GPU
-    (about 4 programs per SM), in splits of >= 32 examples: each extra split costs P * 8 bytes
-    (partial written and read), <= 1/4 of the B * P * 4 bytes its 32+ examples of fp32 read."""
+    (8 programs per SM: pass 2 uses ~64 registers x 128 threads, so 8 fit), in splits of >= 32
+    examples: each split costs P * 8 bytes (partial written and read), <= 1/16 of what reading its
+    examples costs pass 2 in fp32 (1/8 in bf16)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = max(min(triton.cdiv(4 * sms, max(n_blocks, 1)), triton.cdiv(n_rows, 32)), 1)
+    splits = max(min(triton.cdiv(8 * sms, max(n_blocks, 1)), triton.cdiv(n_rows, 32)), 1)
     return max(triton.cdiv(n_rows, splits), 1)
 
 

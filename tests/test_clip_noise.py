@@ -31,8 +31,9 @@ elif MODE == "compiled" and torch.cuda.is_available():
     KERNEL_DEVICE = "cuda"
 else:
     KERNEL_DEVICE = None
-needs_kernel = pytest.mark.skipif(
-    KERNEL_DEVICE is None, reason=f"triton is {MODE} here; test_kernel_tests_in_a_fresh_interpreter runs these")
+needs_kernel = pytest.mark.skipif(KERNEL_DEVICE is None, reason=(
+    f"triton mode {MODE!r} (imported before TRITON_INTERPRET=1 was set) and no GPU: "
+    "test_kernel_tests_in_a_fresh_interpreter runs these"))
 
 # Irregular shapes: P not a multiple of the block, B = 1, B = 0, many tiny tensors and a large one.
 SMALL_SHAPES = [(3,), (5, 7), (1,), (2, 2, 2), (17,)] * 4  # 20 tensors
@@ -152,6 +153,8 @@ def test_clipped_contributions_have_norm_at_most_max_norm():
         assert contribution.norm() <= 1.0 * (1 + 1e-6)
         if norm < 1.0:  # below the bound: passed through unchanged
             assert_rel_close(contribution, torch.cat([g.reshape(-1) for g in one]), 1e-5)
+        else:  # above: scaled onto the bound
+            assert contribution.norm() >= 1.0 - 1e-5
 
 
 def test_auto_on_cpu_is_the_reference():
