@@ -13,15 +13,18 @@ Only `finetune` (dp/finetune.py) ever reads the private set.
 import argparse
 import copy
 import os
+import shutil
 import sys
 
 import torch
 from tqdm import tqdm
 
+from dp.finetune import train_finetune
 from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import PRESETS, add_config_flags, config_to_dict, make_config, overrides_from_args
 from ldm.data import check_pair, load_dataset, to_unit_range
 from ldm.diffusion import ema_update
+from ldm.distributed import Dist, all_reduce_sum_, barrier, init_distributed, shard, shutdown
 from ldm.errors import UserError
 from ldm.runtime import (STAGES, MetricsLog, build_autoencoder, build_diffusion, build_unet, check_compatible,
                          latent_shape, lr_at, pick_device, prepare_out, stage_path)
@@ -68,7 +71,7 @@ def start_or_resume(out, stage, cfg, device, resume):
     return load_stage(out, stage, cfg, device)[0]
 
 
-def train_autoencoder(cfg, out, device, resume, log, stop_at=None):
+def train_autoencoder(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
     """Stage 1: the KL autoencoder on public images only; measures the latent scale factor at the end."""
     c = cfg.ae
     ckpt = start_or_resume(out, "autoencoder", cfg, device, resume)
@@ -88,30 +91,39 @@ def train_autoencoder(cfg, out, device, resume, log, stop_at=None):
         step = ckpt["step"]
 
     def save(done):
-        save_checkpoint(stage_path(out, "autoencoder"), dict(
-            config=config_to_dict(cfg), stage="autoencoder", step=step, done=done,
-            autoencoder=ae.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state()))
+        if dist.main:
+            save_checkpoint(stage_path(out, "autoencoder"), dict(
+                config=config_to_dict(cfg), stage="autoencoder", step=step, done=done,
+                autoencoder=ae.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state()))
+        barrier(dist)
 
-    bar = tqdm(range(step, c.ae_steps), desc="autoencoder", initial=step, total=c.ae_steps)
+    bar = tqdm(range(step, c.ae_steps), desc="autoencoder", initial=step, total=c.ae_steps, disable=not dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return
+        # the global batch is drawn identically on every rank; each rank works on its shard of it
         idx = torch.randint(0, len(data), (c.ae_batch,), generator=gen)
-        x = to_unit_range(data.x[idx]).to(device)
-        loss, rec, kl = ae.loss(x, c.ae_loss, c.ae_kl_weight, generator=gen)
+        noise = torch.randn((c.ae_batch, *latent_shape(cfg)), generator=gen)
+        s = shard(c.ae_batch, dist)
+        loss, rec, kl = ae.loss(to_unit_range(data.x[idx[s]]).to(device), c.ae_loss, c.ae_kl_weight,
+                                noise[s].to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss.sum() / c.ae_batch).backward()
+        all_reduce_sum_([p.grad for p in ae.parameters() if p.grad is not None], dist)
         opt.step()
         step += 1
         if step % cfg.run.log_every == 0 or step == c.ae_steps:
-            bar.set_postfix(rec=f"{rec.item():.4f}")
-            log.write(stage="autoencoder", step=step, loss=loss.item(), rec=rec.item(), kl=kl.item())
+            bar.set_postfix(rec=f"{rec.mean().item():.4f}")
+            log.write(stage="autoencoder", step=step, loss=loss.mean().item(), rec=rec.mean().item(),
+                      kl=kl.mean().item())
         if step % cfg.run.ckpt_every == 0:
             save(done=False)
     ae.eval()
     probe = torch.randperm(len(data), generator=gen)[:5000]
     scale = ae.measure_scale_factor(to_unit_range(data.x[i]).to(device) for i in probe.split(500))
     save(done=True)
+    if not dist.main:
+        return
     x = to_unit_range(data.x[probe[:32]]).to(device)
     with torch.no_grad():
         rec = ae.decode(ae.encode(x).mean).clamp(-1, 1)
@@ -132,7 +144,7 @@ def encode_all(ae, data, device, batch=500):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_pretrain(cfg, out, device, resume, log, stop_at=None):
+def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
     """Stage 2: the class-conditional latent diffusion UNet on public images only."""
     c = cfg.pretrain
     ckpt = start_or_resume(out, "pretrain", cfg, device, resume)
@@ -159,33 +171,41 @@ def train_pretrain(cfg, out, device, resume, log, stop_at=None):
         step = ckpt["step"]
 
     def save(done):
-        save_checkpoint(stage_path(out, "pretrain"), dict(
-            config=config_to_dict(cfg), stage="pretrain", step=step, done=done, unet=unet.state_dict(),
-            ema=ema.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
-            autoencoder=ae.state_dict()))
+        if dist.main:
+            save_checkpoint(stage_path(out, "pretrain"), dict(
+                config=config_to_dict(cfg), stage="pretrain", step=step, done=done, unet=unet.state_dict(),
+                ema=ema.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
+                autoencoder=ae.state_dict()))
+        barrier(dist)
 
-    bar = tqdm(range(step, c.pretrain_steps), desc="pretrain", initial=step, total=c.pretrain_steps)
+    bar = tqdm(range(step, c.pretrain_steps), desc="pretrain", initial=step, total=c.pretrain_steps,
+               disable=not dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return
+        # the global batch and its draws are identical on every rank; each rank works on its shard
         idx = torch.randint(0, len(data), (c.pretrain_batch,), generator=gen)
         noise = torch.randn(mean[idx].shape, generator=gen).to(device)
         z0 = (mean[idx] + std[idx] * noise) * ae.scale_factor
         t, eps = diffusion.draw(z0, gen)
-        loss = diffusion.loss_per_example(unet, z0, labels[idx], t, eps).mean()
+        s = shard(c.pretrain_batch, dist)
+        loss = diffusion.loss_per_example(unet, z0[s], labels[idx[s]], t[s], eps[s])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, c.pretrain_lr, c.pretrain_warmup)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss.sum() / c.pretrain_batch).backward()
+        all_reduce_sum_([p.grad for p in unet.parameters() if p.grad is not None], dist)
         opt.step()
         ema_update(ema, unet, c.pretrain_ema)
         step += 1
         if step % cfg.run.log_every == 0 or step == c.pretrain_steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(stage="pretrain", step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{loss.mean().item():.4f}")
+            log.write(stage="pretrain", step=step, loss=loss.mean().item(), lr=opt.param_groups[0]["lr"])
         if step % cfg.run.ckpt_every == 0:
             save(done=False)
     save(done=True)
+    if not dist.main:
+        return
     grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples.png"), data.num_classes)
     log.write(stage="pretrain", step=step, done=True, samples=grid)
     print(f"pretrain: done, samples in {grid}")
@@ -205,31 +225,56 @@ def run(argv=None):
     cfg = make_config(args.preset, overrides_from_args(args))
     check_pair(cfg.data)
     out = args.out or os.path.join("runs", cfg.preset)
-    prepare_out(out)
-    device = pick_device(cfg.run.device)
-    atomic_write_json(os.path.join(out, "config.json"), config_to_dict(cfg))
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"))
+    existed = os.path.exists(out)
+    dist, device = init_distributed(pick_device(cfg.run.device), cfg.run.dist_timeout)
+    try:
+        if dist.main:
+            prepare_out(out)
+        barrier(dist)
+        run_stages(cfg, args, out, dist, device)
+    except UserError:
+        if dist.main and not existed and not [f for f in os.listdir(out) if f.endswith(".pt")]:
+            shutil.rmtree(out, ignore_errors=True)  # a run that failed before any checkpoint leaves nothing
+        raise
+    finally:
+        shutdown(dist)
+
+
+def run_stages(cfg, args, out, dist, device):
+    if dist.main:
+        atomic_write_json(os.path.join(out, "config.json"), config_to_dict(cfg))
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if dist.main else None)
     stages = STAGES if args.stage == "all" else (args.stage,)
-    print(f"run folder {out}, device {device}, preset {cfg.preset}, stages {', '.join(stages)}")
+    if dist.main:
+        print(f"run folder {out}, device {device}, {dist.world} process(es), preset {cfg.preset}, "
+              f"stages {', '.join(stages)}")
     for stage in stages:
         if stage == "autoencoder":
-            train_autoencoder(cfg, out, device, args.resume, log)
+            train_autoencoder(cfg, out, device, args.resume, log, dist=dist)
         elif stage == "pretrain":
-            train_pretrain(cfg, out, device, args.resume, log)
+            train_pretrain(cfg, out, device, args.resume, log, dist=dist)
         else:
-            from dp.finetune import train_finetune
-            train_finetune(cfg, out, device, args.resume, log, write_samples=write_samples)
+            train_finetune(cfg, out, device, args.resume, log, write_samples=write_samples, dist=dist)
 
 
 def main(argv=None):
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    where = f"rank {rank}: " if rank is not None else ""
     try:
         run(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept: continue with the same command and --resume", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if rank is None:
+            raise
+        detail = " ".join(str(e).split())[:200]
+        print(f"error: {where}another process of the distributed run failed or stopped answering within "
+              f"--dist-timeout; stopping ({detail})", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -25,10 +25,12 @@ from dp.per_sample import per_sample_grads
 from dp.poisson import num_steps, poisson_sample, sampling_rate
 from dp.select import select_parameters, trainable_share
 from dp.step import apply_update, draw_seed, noisy_clipped_gradient
+from kernels.clip_noise import check_triton_usable
 from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
 from ldm.data import load_dataset
 from ldm.diffusion import ema_update
+from ldm.distributed import Dist, all_reduce_sum_, barrier, broadcast_, shard
 from ldm.errors import UserError
 from ldm.runtime import build_autoencoder, build_diffusion, build_unet, check_compatible, lr_at, stage_path
 
@@ -58,6 +60,15 @@ def privacy_plan(dp_cfg, n):
     return q, steps, sigma
 
 
+def check_clip_backend(backend, device):
+    """--clip-backend triton where the kernel cannot run is a user error, found before any work."""
+    if backend == "triton":
+        try:
+            check_triton_usable(device)
+        except ValueError as e:
+            raise UserError(f"--clip-backend triton: {e}") from None
+
+
 def load_pretrained(cfg, out, device):
     """Frozen autoencoder and the pretrained EMA UNet from <out>/pretrain.pt (public stages only)."""
     path = stage_path(out, "pretrain")
@@ -84,38 +95,52 @@ def encode_private(ae, data, device, batch=500):
 
 
 def private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, dp_cfg, sigma, divisor, seed,
-                     extra_grads=None):
+                     extra_grads=None, dist=Dist()):
     """The noisy clipped gradient of one logical step for the sampled examples `idx` (any size, even 0).
 
     latents: (mean, std) scaled posterior tensors of the whole private set; labels: (N,).
     extra_grads: optional list of (k, *shape) per-sample gradients clipped and summed with the examples'
     (the audit's canaries); None in training. Returns a list of tensors shaped like `params`.
+    With several processes, each computes its shard of `idx`; the sums are all-reduced and the noise
+    is added by rank 0 only (see dp/step.py), so every rank returns the same gradient.
     """
     mean, std = latents
     names = list(params)
-    # every example's randomness is drawn for the whole logical batch first, so that the split into
-    # micro-batches cannot change which posterior sample, timestep and noise an example gets
+    # every example's randomness is drawn for the whole logical batch first, on every rank alike, so that
+    # neither the micro-batches nor the processes change which posterior sample, timestep and noise it gets
     z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=loss_gen).to(mean.device)
     t, eps = diffusion.draw(z0, loss_gen)  # one timestep and one noise draw per example
+    mine = torch.arange(len(idx))[shard(len(idx), dist)]
 
     def micro_batches():
-        for chunk in torch.arange(len(idx)).split(dp_cfg.physical_batch) if len(idx) else ():
+        for chunk in mine.split(dp_cfg.physical_batch) if len(mine) else ():
             grads = per_sample_grads(unet, diffusion, params, z0[chunk], labels[idx[chunk]], t[chunk], eps[chunk])
             yield [grads[n] for n in names]
-        if extra_grads is not None:
+        if extra_grads is not None and dist.main:
             yield extra_grads
 
     shapes = [params[n].shape for n in names]
     return noisy_clipped_gradient(micro_batches(), shapes, dp_cfg.clip, sigma, divisor, seed,
-                                  backend=dp_cfg.clip_backend, device=mean.device)
+                                  backend=dp_cfg.clip_backend, device=mean.device, add_noise=dist.main,
+                                  reduce=lambda ts: all_reduce_sum_(ts, dist))
 
 
-def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
+def shared_poisson_sample(n, q, generator, dist, device):
+    """Rank 0 draws the Poisson sample from its secret generator; every rank receives the same indices."""
+    mask = torch.zeros(n, dtype=torch.uint8, device=device)
+    if dist.main:
+        mask[poisson_sample(n, q, generator).to(device)] = 1
+    broadcast_(mask, dist)
+    return torch.nonzero(mask).flatten()
+
+
+def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, dist=Dist()):
     """Stage 3. Returns the privacy report (a dict) when the run finishes."""
     d = cfg.dp
     path = stage_path(out, "finetune")
     if os.path.exists(path) and not resume:
         raise UserError(f"{path} already exists; pass --resume to continue this run or choose another --out")
+    check_clip_backend(d.clip_backend, device)
     ae, unet = load_pretrained(cfg, out, device)
     params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
     n_train, share = trainable_share(unet, params)
@@ -126,9 +151,10 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
         raise UserError(f"private labels reach {int(data.y.max())} but the class table has "
                         f"{unet.class_embed.num_embeddings} rows")
     q, steps, sigma = privacy_plan(d, len(data))
-    print(f"finetune: N={len(data)} private examples, q={q:.6g}, T={steps} logical steps, C={d.clip:g}, "
-          f"sigma={sigma:.4f} for ({d.epsilon:g}, {d.delta:g})-DP; trainable {n_train:,} parameters "
-          f"({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}'")
+    if dist.main:
+        print(f"finetune: N={len(data)} private examples, q={q:.6g}, T={steps} logical steps, C={d.clip:g}, "
+              f"sigma={sigma:.4f} for ({d.epsilon:g}, {d.delta:g})-DP; trainable {n_train:,} parameters "
+              f"({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}', {dist.world} process(es)")
     log.write(stage="finetune", event="plan", n_private=len(data), q=q, steps=steps, sigma=sigma,
               clip=d.clip, trainable=n_train, trainable_share=share)
 
@@ -140,7 +166,8 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
     opt = opt_cls(params.values(), lr=d.lr, weight_decay=d.weight_decay)
     sample_gen, noise_gen = secret_generators(d.noise_seed)
     loss_gen = torch.Generator().manual_seed(cfg.run.seed + 3)
-    ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"), sigma, q, d.clip)
+    # every rank reads the ledger (a shared file system on several machines); only rank 0 writes it
+    ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"), sigma, q, d.clip, writer=dist.main)
     ledger.check_mechanism()
     if resume and os.path.exists(path):
         restore(path, cfg, unet, ema, opt, loss_gen, sample_gen, noise_gen)
@@ -148,6 +175,8 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
         raise UserError(f"{ledger.path} already records {ledger.steps} steps; pass --resume or choose another --out")
 
     def save(done):
+        if not dist.main:
+            return barrier(dist)
         eps = ledger.epsilon(d.delta)
         save_checkpoint(path, dict(
             config=config_to_dict(cfg), stage="finetune", step=ledger.steps, done=done,
@@ -159,19 +188,23 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
             privacy=dict(sigma=sigma, q=q, steps_planned=steps, clip=d.clip, delta=d.delta,
                          epsilon=eps.epsilon if eps else 0.0, accountant=eps.accountant if eps else None,
                          ledger=ledger.entries)))
+        barrier(dist)
 
-    bar = tqdm(range(ledger.steps, steps), desc="finetune (DP)", initial=ledger.steps, total=steps)
+    bar = tqdm(range(ledger.steps, steps), desc="finetune (DP)", initial=ledger.steps, total=steps,
+               disable=not dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return None
-        idx = poisson_sample(len(data), q, sample_gen).to(device)
-        ledger.record(step)  # durable before the update below is applied
+        idx = shared_poisson_sample(len(data), q, sample_gen, dist, device)
+        if dist.main:
+            ledger.record(step)  # durable before the update below is applied
+        seed = draw_seed(noise_gen) if dist.main else 0  # only rank 0 adds noise
         grads = private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, d, sigma,
-                                 divisor=q * len(data), seed=draw_seed(noise_gen))
+                                 divisor=q * len(data), seed=seed, dist=dist)
         apply_update(opt, list(params.values()), grads, lr_at(step, d.lr, d.warmup))
         ema_update(ema, unet, d.dp_ema)
         done_steps = step + 1
-        if done_steps % cfg.run.log_every == 0 or done_steps == steps:
+        if dist.main and (done_steps % cfg.run.log_every == 0 or done_steps == steps):
             eps = ledger.epsilon(d.delta)
             bar.set_postfix(eps=f"{eps.epsilon:.3f}", batch=len(idx))
             log.write(stage="finetune", step=done_steps, epsilon=eps.epsilon, accountant=eps.accountant,
@@ -180,6 +213,8 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None):
             save(done=False)
     save(done=True)
     check_frozen(unet, ema, pretrained, params)
+    if not dist.main:
+        return None
     report = privacy_report(cfg, ledger, sigma, q, steps, len(data), n_train, share)
     write_report(out, report, log)
     grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples_finetune.png"), data.num_classes)

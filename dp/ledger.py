@@ -18,9 +18,14 @@ from ldm.errors import UserError
 
 
 class PrivacyLedger:
-    def __init__(self, path, sigma, q, clip):
-        """Open (or start) the ledger at `path` for a run with this mechanism (sigma, q, clip)."""
+    def __init__(self, path, sigma, q, clip, writer=True):
+        """Open (or start) the ledger at `path` for a run with this mechanism (sigma, q, clip).
+
+        writer=False: read only (ranks other than 0 of a distributed run); a truncated entry is counted
+        but the file is left to the writer.
+        """
         self.path = path
+        self.writer = writer
         self.mechanism_now = dict(sigma=sigma, q=q, clip=clip)
         self.entries = []
         if os.path.exists(path):
@@ -43,6 +48,8 @@ class PrivacyLedger:
     def _recover(self):
         """A kill while writing the last entry: that step counts as spent. Rewrite the file with it complete."""
         self.entries.append({"step": len(self.entries), **self.mechanism_now, "recovered": True})
+        if not self.writer:
+            return
         text = "".join(json.dumps(e) + "\n" for e in self.entries).encode()
         atomic_write_bytes(self.path, lambda f: f.write(text))
 
@@ -53,6 +60,7 @@ class PrivacyLedger:
 
     def record(self, step):
         """Append one step and make it durable before the caller applies the update."""
+        assert self.writer, "only the writing process records steps"
         entry = {"step": step, **self.mechanism_now, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")

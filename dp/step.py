@@ -22,23 +22,31 @@ def draw_seed(noise_generator):
     return int(torch.randint(0, 2 ** 62, (1,), generator=noise_generator).item())
 
 
-def noisy_clipped_gradient(grad_batches, shapes, clip, sigma, divisor, seed, backend="auto", device="cpu"):
+def noisy_clipped_gradient(grad_batches, shapes, clip, sigma, divisor, seed, backend="auto", device="cpu",
+                           add_noise=True, reduce=None):
     """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / divisor, per selected parameter.
 
     grad_batches: an iterable over micro-batches, each a list of per-sample gradient tensors (b, *shape),
     one per parameter in the order of `shapes`; empty for an empty Poisson sample. Each micro-batch is
     clipped and summed by `clip_and_noise` with no noise; the noise is added once, at the end, by the same
     function called with zero examples. Returns a list of fp32 tensors of `shapes`.
+
+    Several processes (ldm/distributed.py): each passes its own examples, exactly one passes
+    add_noise=True, and `reduce` (an in-place sum over processes) runs before the result is returned, so
+    the noise enters once per coordinate whatever the number of processes.
     """
     total = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
     for grads in grad_batches:
         part = clip_and_noise(grads, clip, 0.0, divisor, 0, backend=backend)
         for acc, g in zip(total, part):
             acc.add_(g)
-    empty = [torch.zeros((0, *s), dtype=torch.float32, device=device) for s in shapes]
-    noise = clip_and_noise(empty, clip, sigma * clip, divisor, seed, backend=backend)
-    for acc, n in zip(total, noise):
-        acc.add_(n)
+    if add_noise:
+        empty = [torch.zeros((0, *s), dtype=torch.float32, device=device) for s in shapes]
+        noise = clip_and_noise(empty, clip, sigma * clip, divisor, seed, backend=backend)
+        for acc, n in zip(total, noise):
+            acc.add_(n)
+    if reduce is not None:
+        reduce(total)
     return total
 
 

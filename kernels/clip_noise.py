@@ -88,7 +88,7 @@ def clip_and_noise(grads, max_norm, noise_std, divisor, seed, *, backend="auto",
     device = tensors[0].device
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, return_norms=return_norms)
-    _check_triton_usable(device)
+    check_triton_usable(device)
     return _clip_and_noise_triton(grads, max_norm, noise_std, divisor, seed, return_norms=return_norms)
 
 
@@ -185,7 +185,7 @@ def _as_list(grads):
     return tensors, single
 
 
-def _check_triton_usable(device):
+def check_triton_usable(device):
     """Raise a clear error where the kernel cannot run on `device`."""
     mode = triton_mode()
     if mode == "unavailable":

@@ -94,15 +94,17 @@ class Autoencoder(nn.Module):
         """Unscaled latents (B, z, h, w) -> images (B, C, H, W), roughly in [-1, 1]."""
         return self.decoder(z)
 
-    def loss(self, x, kind, kl_weight, generator=None):
-        """Reconstruction (L1 or L2, mean per pixel) + kl_weight * KL (summed per example, mean over batch).
+    def loss(self, x, kind, kl_weight, noise):
+        """Per-example reconstruction (L1 or L2, mean over pixels) + kl_weight * KL (summed over latents).
 
-        Returns (loss, reconstruction term, kl term) as scalars.
+        x: (B, C, H, W); noise: (B, z, h, w) standard normal draws for the posterior sample.
+        Returns three (B,) tensors: loss, reconstruction term, KL term.
         """
         post = self.encode(x)
-        x_rec = self.decode(post.sample(generator))
-        rec = (x_rec - x).abs().mean() if kind == "l1" else (x_rec - x).pow(2).mean()
-        kl = post.kl().mean()
+        x_rec = self.decode(post.mean + post.std * noise)
+        err = (x_rec - x).abs() if kind == "l1" else (x_rec - x).pow(2)
+        rec = err.flatten(1).mean(1)
+        kl = post.kl()
         return rec + kl_weight * kl, rec, kl
 
     @torch.no_grad()

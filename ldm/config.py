@@ -18,7 +18,8 @@ from ldm.errors import UserError
 class DataConfig:
     public: str = "svhn"  # data set for the autoencoder and the pretraining stage
     private: str = "mnist"  # data set for the DP fine-tuning stage (the only one the guarantee covers)
-    data_root: str = "./data"
+    data_root: str = "./data"  # where real data sets are (or are downloaded to); may be read-only
+    cache_dir: str = "./data/cache"  # where generated sets (synthdigits) and derived caches are written
     image_size: int = 32
     channels: int = 0  # 0: the private set's native channel count (1 for digits, 3 for natural images)
     synth_n: int = 60000  # size of the generated synthdigits set
@@ -93,6 +94,7 @@ class RunConfig:
     log_every: int = 100
     ckpt_every: int = 500
     grid_n: int = 64  # images in each samples.png
+    dist_timeout: int = 600  # seconds before a collective with a dead or hung process fails (torchrun)
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,9 @@ PRESETS = {
     # Sized for a 2-core CPU: synthdigits -> MNIST. Stage times are measured in the README.
     "quick": dict(
         public="synthdigits", private="mnist", synth_n=60000,
-        ae_channels=32, ae_mult=(1, 2, 2), ae_steps=3000, ae_batch=32, ae_lr=4e-4,
+        ae_channels=16, ae_mult=(1, 2, 2), ae_steps=2500, ae_batch=32, ae_lr=5e-4,
         unet_channels=64, unet_mult=(1, 2), unet_heads=4, unet_context_dim=64,
-        sample_steps=50, pretrain_steps=4000, pretrain_batch=64, pretrain_lr=3e-4, pretrain_warmup=200,
+        sample_steps=50, pretrain_steps=3000, pretrain_batch=64, pretrain_lr=5e-4, pretrain_warmup=200,
         pretrain_ema=0.995, epsilon=10.0, delta=1e-5, clip=1e-2, expected_batch=1000, epochs=10.0,
         physical_batch=100, lr=3e-4, warmup=20, dp_ema=0.98, log_every=50, ckpt_every=250,
     ),
@@ -224,7 +226,7 @@ def validate(cfg):
             value = getattr(getattr(cfg, comp), f.name)
             if f.name.endswith(("_steps", "_batch", "_lr", "_channels", "_every", "_n", "_heads", "_dim")) \
                     or f.name in ("image_size", "timesteps", "sample_steps", "lr", "epochs", "clip",
-                                  "expected_batch", "physical_batch", "epsilon", "delta"):
+                                  "expected_batch", "physical_batch", "epsilon", "delta", "dist_timeout"):
                 _positive(f.name, value)
             if isinstance(value, tuple) and (not value or any((not isinstance(v, int)) or v < 1 for v in value)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a comma-separated list of positive integers, got {value!r}")

@@ -50,7 +50,8 @@ REGISTRY = {
                       "torchvision downloads it (CelebA) from Google Drive, or place the official files there"),
     "imagenet32": SetInfo(3, "natural", 1000, "imagenet32/train.npz (x, y) or imagenet32/train_data_batch_*.npz",
                           "download 'Imagenet32_train_npz' from image-net.org (downsampled ImageNet) and unpack it"),
-    "synthdigits": SetInfo(1, "digits", 10, "synthdigits/ (made by this project, offline)", "made automatically"),
+    "synthdigits": SetInfo(1, "digits", 10, "nothing (made by this project, offline, cached in --cache-dir)",
+                           "made automatically"),
     "fake": SetInfo(0, "any", 10, "nothing (random data for tests)", "made automatically"),
 }
 
@@ -200,9 +201,9 @@ def _cifar10(data_cfg, split):
 
 
 def _celeba(data_cfg, split):
-    """CelebA, centre-cropped to 140x140 and resized; cached as an npz under the data root (decoding is slow)."""
+    """CelebA, centre-cropped to 140x140 and resized; cached as an npz under --cache-dir (decoding is slow)."""
     size = data_cfg.image_size
-    cache = os.path.join(data_cfg.data_root, "celeba", f"celeba_{split}_{size}.npz")
+    cache = os.path.join(data_cfg.cache_dir, "celeba", f"celeba_{split}_{size}.npz")
     if os.path.exists(cache):
         with np.load(cache) as f:
             return torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
@@ -248,7 +249,7 @@ def _synthdigits(data_cfg, split):
     from ldm.synthdigits import load_synthdigits
     seed = data_cfg.synth_seed if split == "train" else data_cfg.synth_seed + 1_000_003
     n = data_cfg.synth_n if split == "train" else max(1, data_cfg.synth_n // 6)
-    x, y = load_synthdigits(data_cfg.data_root, n, seed, size=data_cfg.image_size)
+    x, y = load_synthdigits(data_cfg.cache_dir, n, seed, size=data_cfg.image_size)
     return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
 
 

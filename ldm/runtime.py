@@ -79,9 +79,11 @@ class MetricsLog:
     """Append-only JSON-lines log: one object per logged event, flushed at once."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = path  # None: a process that does not write (ranks other than 0)
 
     def write(self, **record):
+        if self.path is None:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -66,8 +66,9 @@ def test_autoencoder_shapes_kl_and_gradients():
     assert post.mean.shape == (2, 3, 8, 8) and ae.factor == 4
     assert ae.decode(post.sample()).shape == x.shape
     assert torch.all(post.kl() >= 0)
-    loss, rec, kl = ae.loss(x, "l1", 1e-6)
-    loss.backward()
+    loss, rec, kl = ae.loss(x, "l1", 1e-6, torch.randn(2, 3, 8, 8))
+    assert loss.shape == rec.shape == kl.shape == (2,)
+    loss.sum().backward()
     assert all(p.grad is not None for p in ae.parameters())
 
 

@@ -1,0 +1,417 @@
+"""Privacy audit: an empirical lower bound on epsilon from one DP fine-tuning run with canaries.
+
+    python -m dp.audit --preset smoke --out /tmp/audit                  # white-box gradient canaries
+    python -m dp.audit --preset smoke --out /tmp/audit --delta 1e-5     # a sharper bound (see `warning`)
+    python -m dp.audit --preset quick --out runs/quick --steps 200 --m 1000
+    python -m dp.audit --preset smoke --out /tmp/audit --canary black   # input canaries, weaker
+
+The one-run audit of Steinke, Nasr and Jagielski 2023 ("Privacy Auditing with One (1) Training Run"):
+  1. m canaries, each included in the private set with probability 1/2, decided before training from
+     the audit's own generator (--seed) and read only when the guesses are counted;
+  2. one DP fine-tuning run, built from the training stage's own functions: the same Poisson sampler and
+     rate q = expected_batch / N, where N counts the private examples and all m canaries; the same
+     `private_gradient` (clip, sum, noise once, divide by q N); the same sigma calibration for the steps
+     actually run (--steps shortens the run); `apply_update` and the learning-rate schedule;
+  3. a score per canary, from what the run released; guess "in" for the k highest scores and "out" for
+     the k lowest, count the correct guesses v out of r = 2k;
+  4. the empirical lower bound is the largest epsilon for which an (epsilon, delta)-DP run would get v or
+     more correct guesses with probability at most `level` (Theorem 5.2 of the paper, `p_value` below).
+The command runs the public stages first if they are missing in --out, prints one JSON object on stdout,
+writes it to <out>/audit.json and exits 0 ("consistent": bound <= accounted epsilon) or 1 ("inconsistent").
+
+Canaries (`--canary`):
+  white  a canary is a per-example gradient, a one-hot of value CANARY_GRADIENT * C on its own coordinate
+         of the trainable attention parameters, passed as `extra_grads` to `private_gradient`, so it is
+         clipped to C with the real examples (a run whose clipping is broken lets 4 C through). The
+         coordinates are drawn (seeded) among those that no data can reach: cross-attention to one context
+         token has a constant softmax, so its to_q, to_k and the norm2 before it get exactly zero gradient
+         (`untouched_coordinates`). The score then sees only the canary and the mechanism's noise, the
+         worst case the accountant assumes. Score: the sum over steps of the noisy gradient at the canary's
+         coordinate, in units of one clipped canary (C / (q N)). This is the DP output the optimiser
+         receives; with AdamW the parameter change is a nonlinear function of it, so the audit scores the
+         released gradient, not the weights.
+  black  a canary is a uniform-noise image with a random label, added to the private set; score: minus its
+         diffusion loss under the fine-tuned UNet, mean over SCORE_DRAWS fixed (t, noise) draws.
+
+Guarantees: if the run is (epsilon, delta)-DP for add/remove-one neighbours, the chance that the
+reported bound exceeds epsilon is at most `level` (the choice of k among GUESS_FRACTIONS is paid for by
+Bonferroni: each is tested at level / len(GUESS_FRACTIONS)). A bound above the accounted epsilon is
+therefore evidence, at that level, of a bug in clipping, noise, sampling or accounting.
+Not proven: a bound below the accounted epsilon does not show that the run is private. The one-run bound
+is far from tight (a correct run at epsilon 10 typically audits below 1); it checks only the mechanism the
+canaries pass through, with these hyperparameters, not leaks outside it (data loading, checkpoints, logs,
+hyperparameter search), not real examples' gradients (the canaries' are synthetic), not the
+floating-point noise sampler.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+import train
+from dp.accountant import compute_epsilon, neighbouring_relation
+from dp.finetune import encode_private, load_pretrained, privacy_plan, private_gradient, secret_generators
+from dp.per_sample import per_sample_grads
+from dp.poisson import poisson_sample
+from dp.select import select_parameters
+from dp.step import apply_update, draw_seed
+from ldm.checkpoint import atomic_write_json
+from ldm.config import PRESETS, add_config_flags, make_config, overrides_from_args
+from ldm.data import ImageSet, check_pair, load_dataset
+from ldm.errors import UserError
+from ldm.runtime import MetricsLog, build_diffusion, latent_shape, lr_at, pick_device, prepare_out
+
+CANARY_KINDS = ("white", "black")
+GUESS_FRACTIONS = (0.05, 0.1, 0.2)  # k = fraction * m guesses on each side, fixed in advance (Bonferroni)
+CANARY_GRADIENT = 4.0  # a white-box canary's gradient norm before clipping, in units of C
+SCORE_DRAWS = 16  # (t, noise) draws per black-box canary
+EPS_MAX = 50.0  # the bisection's upper end: no run of m <= 10^9 canaries can audit above it
+
+
+# ---- The one-run bound (Steinke, Nasr, Jagielski 2023, Theorem 5.2) ----------------------------
+
+
+def binomial_pmf(r, eps):
+    """P[Bin(r, p) = k] for k = 0..r with p = e^eps / (1 + e^eps): a (r + 1,) float64 tensor, from log space."""
+    k = torch.arange(r + 1, dtype=torch.float64)
+    log_p, log_1mp = -math.log1p(math.exp(-eps)), -math.log1p(math.exp(eps))  # log p, log(1 - p)
+    log_choose = math.lgamma(r + 1) - torch.lgamma(k + 1) - torch.lgamma(r - k + 1)
+    return torch.exp(log_choose + k * log_p + (r - k) * log_1mp)
+
+
+def p_value(r, v, eps, delta, m):
+    """Bound on P[>= v of r guesses correct] for an (eps, delta)-DP run with m canaries (paper, Theorem 5.2):
+
+        P[Bin(r, p) >= v] + 2 m delta max_{1<=i<=v} P[v - i <= Bin(r, p) < v] / i,   p = e^eps / (1 + e^eps).
+
+    Every probability is summed in float64 from exact log-space terms; capped at 1.
+    """
+    if v == 0:
+        return 1.0
+    pmf = binomial_pmf(r, eps)
+    tail = pmf[v:].sum().item()
+    below = pmf[:v].flip(0).cumsum(0)  # below[i - 1] = P[v - i <= Bin < v], i = 1..v
+    spread = (below / torch.arange(1, v + 1, dtype=torch.float64)).max().item()
+    return min(1.0, tail + 2 * m * delta * spread)
+
+
+def epsilon_lower_bound(r, v, m, delta, level):
+    """The largest eps (to 1e-9) with p_value(r, v, eps, delta, m) <= level; 0 when eps = 0 is not rejected.
+
+    Bisection keeps p_value(lo) <= level, so the returned eps is always rejected at `level`; a run that is
+    (eps', delta)-DP for some eps' <= eps is also (eps, delta)-DP, so every smaller eps is rejected too.
+    """
+    if not (isinstance(r, int) and isinstance(v, int) and 0 <= v <= r <= m):
+        raise ValueError(f"need integers 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
+    if not (0 <= delta < 1 and 0 < level < 1):
+        raise UserError(f"need 0 <= delta < 1 and 0 < --level < 1, got delta={delta}, level={level}")
+    if p_value(r, v, 0.0, delta, m) > level:
+        return 0.0
+    lo, hi = 0.0, EPS_MAX
+    if p_value(r, v, hi, delta, m) <= level:
+        return hi
+    while hi - lo > 1e-9:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if p_value(r, v, mid, delta, m) <= level else (lo, mid)
+    return lo
+
+
+def count_correct(scores, included, k):
+    """Correct guesses when the k highest scores are guessed "in" and the k lowest "out" (r = 2k guesses).
+
+    scores: (m,) float; included: (m,) bool, the secret. Ties are broken by index (stable sort).
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    return int(included[order[:k]].sum()) + int((~included[order[len(order) - k:]]).sum())
+
+
+def one_run_bound(scores, included, delta, level, fractions=GUESS_FRACTIONS):
+    """The audit's result: the best bound over k = fraction * m, each tested at level / len(fractions).
+
+    Returns a dict: epsilon_lower_bound, guesses (r), correct_guesses (v), k, and every k tried.
+    """
+    m = len(scores)
+    tried = []
+    for f in fractions:
+        k = min(max(1, round(f * m)), m // 2)
+        v = count_correct(scores, included, k)
+        tried.append(dict(k=k, guesses=2 * k, correct_guesses=v,
+                          bound=epsilon_lower_bound(2 * k, v, m, delta, level / len(fractions))))
+    best = max(tried, key=lambda t: (t["bound"], t["correct_guesses"] / t["guesses"]))
+    return dict(epsilon_lower_bound=best["bound"], guesses=best["guesses"], correct_guesses=best["correct_guesses"],
+                k=best["k"], tried=tried, bonferroni_level=level / len(fractions))
+
+
+# ---- Canaries ---------------------------------------------------------------------------------
+
+
+def audit_generator(seed, purpose):
+    """A CPU generator for one audit purpose, seeded by hashing (seed, purpose), so that it never shares a
+    stream with the DP noise or sampling generators (seeded directly by --noise-seed in experiments)."""
+    digest = hashlib.sha256(f"dp-audit/{seed}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def untouched_coordinates(unet, diffusion, params, cfg, generator, probes=8):
+    """Flat indices (into the concatenation of `params`, in order) of attention-block coordinates whose
+    gradient is exactly zero for `probes` random latents, labels and timesteps: structurally unreachable
+    by any data (e.g. to_q, to_k and norm2 before a one-token cross-attention, whose softmax is constant).
+    No private example is read. The class embedding table is never used for canaries."""
+    device = next(unet.parameters()).device
+    z0 = torch.randn(probes, *latent_shape(cfg), generator=generator).to(device)
+    y = torch.randint(0, unet.class_embed.num_embeddings, (probes,), generator=generator).to(device)
+    t, noise = diffusion.draw(z0, generator)
+    grads = per_sample_grads(unet, diffusion, params, z0, y, t, noise)
+    zero = torch.cat([(grads[n] == 0).flatten(1).all(0) for n in params])  # (P,)
+    return (zero & attention_mask(params).to(device)).nonzero().flatten().cpu()
+
+
+def attention_mask(params):
+    """(P,) bool over the concatenated parameters: True on the attention blocks' coordinates."""
+    return torch.cat([torch.full((p.numel(),), n.startswith("attn.")) for n, p in params.items()])
+
+
+def canary_coordinates(unet, diffusion, params, cfg, m, generator):
+    """m distinct flat coordinates for white-box canaries: untouched ones first (in random order), then, if
+    there are too few, random other attention coordinates (their score also carries real gradients, which
+    only weakens the bound). Returns ((m,) long, how many of them are untouched by data)."""
+    attention = attention_mask(params)
+    if m > int(attention.sum()):
+        raise UserError(f"--m {m} canaries need as many trainable attention coordinates, there are "
+                        f"{int(attention.sum())}; lower --m or select more blocks with --dp-blocks")
+    untouched = untouched_coordinates(unet, diffusion, params, cfg, generator)
+    others = (attention & ~torch.isin(torch.arange(len(attention)), untouched)).nonzero().flatten()
+    ranked = torch.cat([untouched[torch.randperm(len(untouched), generator=generator)],
+                        others[torch.randperm(len(others), generator=generator)]])
+    return ranked[:m], min(m, len(untouched))
+
+
+def canary_gradients(coords, present, shapes, value, device):
+    """Per-example gradients of the canaries `present` this step: a list of (k, *shape) tensors, one per
+    parameter, row b a one-hot of `value` at canary present[b]'s coordinate. Parameters holding none of
+    those coordinates get a stride-0 view of zeros (no memory). None when no canary is present.
+
+    coords: (m,) flat coordinates; present: (k,) canary ids; shapes: the parameters' shapes, in order.
+    """
+    if len(present) == 0:
+        return None
+    where = coords[present]  # (k,)
+    grads, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        rows = ((where >= start) & (where < start + size)).nonzero().flatten()
+        if len(rows) == 0:
+            grads.append(torch.zeros((1, *shape), device=device).expand(len(present), *shape))
+        else:
+            g = torch.zeros(len(present), size, device=device)
+            g[rows.to(device), (where[rows] - start).to(device)] = value
+            grads.append(g.view(len(present), *shape))
+        start += size
+    return grads
+
+
+def input_canaries(m, like, generator):
+    """Black-box canaries: m uniform-noise images of the private set's shape with random labels."""
+    x = torch.randint(0, 256, (m, *like.x.shape[1:]), generator=generator, dtype=torch.uint8)
+    y = torch.randint(0, like.num_classes, (m,), generator=generator)
+    return ImageSet("canaries", x, y, like.num_classes)
+
+
+@torch.no_grad()
+def loss_scores(unet, diffusion, z0, y, generator, draws=SCORE_DRAWS, batch=256):
+    """Minus the mean diffusion loss of each canary over `draws` (t, noise) draws: (m,) float64.
+
+    z0: (m, z, h, w) scaled posterior means of the canary images; y: (m,) labels.
+    """
+    losses = torch.zeros(len(z0), dtype=torch.float64)
+    for _ in range(draws):
+        t, noise = diffusion.draw(z0.cpu(), generator)
+        for i in range(0, len(z0), batch):
+            s = slice(i, i + batch)
+            loss = diffusion.loss_per_example(unet, z0[s], y[s], t[s].to(z0.device), noise[s].to(z0.device))
+            losses[s] += loss.double().cpu()
+    return -losses / draws
+
+
+# ---- The audited fine-tuning ------------------------------------------------------------------
+
+
+def check_audit_args(m, canary, level, steps):
+    """Refuse audit settings that cannot work, before any stage runs."""
+    if canary not in CANARY_KINDS:
+        raise UserError(f"--canary must be one of {', '.join(CANARY_KINDS)}, got {canary!r}")
+    if isinstance(m, bool) or not (isinstance(m, int) and m >= 2):
+        raise UserError(f"--m must be a whole number of canaries >= 2, got {m!r}")
+    if isinstance(level, bool) or not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise UserError(f"--level must lie in (0, 1), e.g. 0.05; got {level!r}")
+    if steps is not None and (isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1)):
+        raise UserError(f"--steps must be a whole number >= 1, got {steps!r}")
+
+
+def audit_plan(dp_cfg, n, m, steps):
+    """(q, T, sigma) of the audited run over N = n examples (private set plus all m canaries).
+
+    With `steps`, the run is shortened to T = steps and sigma is calibrated for that T.
+    """
+    if steps is not None:
+        dp_cfg = replace(dp_cfg, epochs=steps * dp_cfg.expected_batch / n)  # round(epochs / q) == steps
+    try:
+        return privacy_plan(dp_cfg, n)
+    except UserError as e:
+        raise UserError(f"{e} (the audit's N = {n - m} private examples + {m} canaries)") from None
+
+
+def train_with_canaries(unet, diffusion, params, latents, labels, n_real, included, coords, d, loss_gen,
+                        q, steps, sigma):
+    """T logical DP steps over the private set plus the included canaries, as in dp/finetune.py.
+
+    Canary j is slot n_real + j of the sampled set; a slot whose canary is out is discarded. White-box
+    (coords given): canaries enter `private_gradient` as extra per-example gradients; returns the (m,)
+    float64 white-box scores. Black-box (coords None): canary j is example n_real + j of `latents`.
+    No EMA, ledger or checkpoints: post-processing and bookkeeping that change nothing the audit scores.
+    """
+    n, device = n_real + len(included), latents[0].device
+    opt_cls = torch.optim.AdamW if d.optimizer == "adamw" else torch.optim.SGD
+    opt = opt_cls(params.values(), lr=d.lr, weight_decay=d.weight_decay)
+    sample_gen, noise_gen = secret_generators(d.noise_seed)
+    shapes = [p.shape for p in params.values()]
+    scores = torch.zeros(len(included), dtype=torch.float64)
+    for step in tqdm(range(steps), desc=f"audit: DP fine-tune with {len(included)} canaries"):
+        idx = poisson_sample(n, q, sample_gen)  # real examples and canary slots, each with rate q
+        real, slots = idx[idx < n_real], idx[idx >= n_real] - n_real
+        present = slots[included[slots]]
+        if coords is None:
+            grads = private_gradient(unet, diffusion, params, latents, labels,
+                                     torch.cat([real, n_real + present]).to(device), loss_gen, d, sigma,
+                                     divisor=q * n, seed=draw_seed(noise_gen))
+        else:
+            extra = canary_gradients(coords, present, shapes, CANARY_GRADIENT * d.clip, device)
+            grads = private_gradient(unet, diffusion, params, latents, labels, real.to(device), loss_gen, d,
+                                     sigma, divisor=q * n, seed=draw_seed(noise_gen), extra_grads=extra)
+            released = torch.cat([g.flatten() for g in grads])  # (P,) what the optimiser receives
+            scores += released[coords.to(device)].double().cpu() * (q * n / d.clip)
+        apply_update(opt, list(params.values()), grads, lr_at(step, d.lr, d.warmup))
+    return scores if coords is not None else None
+
+
+def run_audit(cfg, out, device, m=500, canary="white", steps=None, level=0.05):
+    """Fine-tune the pretrained model in `out` with m canaries and audit it. Returns the report (a dict).
+
+    The public stages must be finished in `out`; nothing is written there. Seeds: cfg.run.seed draws the
+    canaries (inclusion, coordinates or images, score draws); the DP noise and sampling come from the
+    OS, or from --noise-seed for reproducible experiments.
+    """
+    d, started = cfg.dp, time.time()
+    check_audit_args(m, canary, level, steps)
+    data = load_dataset(cfg.data.private, cfg.data, "private")
+    n_real = len(data)
+    q, steps, sigma = audit_plan(d, n_real + m, m, steps)  # every input checked before training
+    ae, unet = load_pretrained(cfg, out, device)
+    params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
+    diffusion = build_diffusion(cfg)
+    # the secret: which canaries are in the data set, drawn before training, read only by `one_run_bound`
+    included = torch.rand(m, generator=audit_generator(cfg.run.seed, "inclusion")) < 0.5
+    latents, labels = encode_private(ae, data, device), data.y.to(device)
+    coords, untouched = None, 0
+    if canary == "white":
+        coords, untouched = canary_coordinates(unet, diffusion, params, cfg, m,
+                                               audit_generator(cfg.run.seed, "coordinates"))
+    else:
+        images = input_canaries(m, data, audit_generator(cfg.run.seed, "images"))
+        latents = tuple(torch.cat(pair) for pair in zip(latents, encode_private(ae, images, device)))
+        labels = torch.cat([labels, images.y.to(device)])
+    loss_gen = torch.Generator().manual_seed(cfg.run.seed + 3)
+    scores = train_with_canaries(unet, diffusion, params, latents, labels, n_real, included, coords, d,
+                                 loss_gen, q, steps, sigma)
+    if canary == "black":
+        scores = loss_scores(unet.eval(), diffusion, latents[0][n_real:], labels[n_real:],
+                             audit_generator(cfg.run.seed, "score"))
+    accounted = compute_epsilon(sigma, q, steps, d.delta)
+    result = one_run_bound(scores, included, d.delta, level)
+    where = (f"white-box: a gradient of norm {CANARY_GRADIENT:g} C on one coordinate, clipped with the real "
+             f"examples; {untouched} of the {m} coordinates are untouched by data" if canary == "white"
+             else "black-box: uniform-noise images with random labels in the private set")
+    report = audit_report(cfg, accounted, result, level, m, int(included.sum()), where, sigma, q, steps, n_real)
+    return dict(report, seconds=round(time.time() - started, 1))
+
+
+def audit_report(cfg, accounted, result, level, m, n_included, canary, sigma, q, steps, n_real):
+    """The audit as a flat dict: the verdict, both epsilons, the guesses and the run's mechanism."""
+    d = cfg.dp
+    bound = result["epsilon_lower_bound"]
+    white = canary.startswith("white")
+    return dict(
+        verdict="consistent" if bound <= accounted.epsilon else "inconsistent",
+        accounted_epsilon=accounted.epsilon, empirical_epsilon_lower_bound=bound, delta=d.delta, level=level,
+        m=m, guesses=result["guesses"], correct_guesses=result["correct_guesses"], canaries_included=n_included,
+        guess_sets=result["tried"], bonferroni_level=result["bonferroni_level"], canary=canary,
+        score=("sum over steps of the noisy gradient at the canary's coordinate, in units of C / (q N)" if white
+               else f"minus the diffusion loss, mean over {SCORE_DRAWS} (t, noise) draws"),
+        target_epsilon=d.epsilon, accountant=accounted.accountant, sigma=sigma, q=q, steps=steps, clip=d.clip,
+        n_private=n_real, n_with_canaries=n_real + m, neighbouring_relation=neighbouring_relation,
+        sampling="Poisson, canaries and examples alike with rate q", preset=cfg.preset,
+        noise_source="operating system" if d.noise_seed is None else f"fixed seed {d.noise_seed} (experiments only)",
+        warning=(f"2 m delta = {2 * m * d.delta:.3g}: the delta term of the bound dominates and even a broken run "
+                 f"audits near 0; audit at a smaller --delta" if 2 * m * d.delta >= 0.1 else None))
+
+
+# ---- Command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dp.audit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="paper-mnist", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--out", default=None, help="run folder holding (or receiving) the public stages; "
+                                               "default runs/<preset>; the report goes to <out>/audit.json")
+    p.add_argument("--steps", type=int, default=None, help="shorten the run to this many DP steps "
+                                                           "(sigma is calibrated for them)")
+    p.add_argument("--m", type=int, default=500, help="number of canaries (each in with probability 1/2)")
+    p.add_argument("--level", type=float, default=0.05, help="significance level of the bound")
+    p.add_argument("--canary", default="white", choices=CANARY_KINDS, help="white-box gradient canaries "
+                                                                           "or black-box input canaries")
+    add_config_flags(p)
+    return p.parse_args(argv)
+
+
+def run(argv=None):
+    """Run the public stages if missing, then the audited fine-tuning; return the report."""
+    args = parse_args(argv)
+    check_audit_args(args.m, args.canary, args.level, args.steps)
+    cfg = make_config(args.preset, overrides_from_args(args))
+    check_pair(cfg.data)
+    out = args.out or os.path.join("runs", cfg.preset)
+    prepare_out(out)
+    device = pick_device(cfg.run.device)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON report only
+        train.train_autoencoder(cfg, out, device, True, log)  # resume=True: a finished stage is reused
+        train.train_pretrain(cfg, out, device, True, log)
+        report = run_audit(cfg, out, device, m=args.m, canary=args.canary, steps=args.steps, level=args.level)
+    atomic_write_json(os.path.join(out, "audit.json"), report)
+    log.write(stage="audit", **{k: v for k, v in report.items() if k != "guess_sets"})
+    return report
+
+
+def main(argv=None):
+    """Exit status: 0 consistent, 1 inconsistent (the bound exceeds the accounted epsilon), 2 user error."""
+    try:
+        report = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report))
+    return 0 if report["verdict"] == "consistent" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

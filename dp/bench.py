@@ -1,0 +1,379 @@
+"""Benchmark one DP fine-tuning step against a non-private step and Opacus, on the same UNet and trainable set.
+
+    python -m dp.bench [--preset quick] [--batch 256] [--physical-batch N] [--repeats R] [--warmup W]
+                       [--threads T] [--device cpu|cuda] [--json PATH]
+
+Three ways to take one optimiser step on the parameters `select_parameters(unet, cfg.dp.dp_blocks)` of the
+preset's UNet, for one batch of B random latents, labels, timesteps and noise draws:
+  (a) non-private: forward and backward of the mean diffusion loss, one optimiser step;
+  (b) ours: `dp.finetune.private_gradient` (torch.func per-sample gradients over physical micro-batches,
+      clip to C jointly over all selected tensors, sum, add N(0, (sigma C)^2), divide by B) + `dp.step.apply_update`;
+  (c) opacus: the same UNet in `opacus.GradSampleModule` (hooks materialise per-sample gradients) and
+      `opacus.optimizers.DPOptimizer` with the same C, sigma and expected batch size B (flat clipping: a norm per
+      tensor, stack, norm of norms, clamped factor, an einsum per tensor), when opacus is importable.
+The same optimiser (the preset's, AdamW for quick) follows each. samples/s = B / median seconds per step, after
+warm-up steps. Each method runs in a fresh subprocess of this script (`--only a|b|c`), so its peak memory is its
+own: on CPU the peak resident set of that process (ru_maxrss: torch, the model and the step; "+step" is the growth
+during the steps), on CUDA torch.cuda.max_memory_allocated over the steps.
+
+Sanity check (main process, one batch): our clipped sum and Opacus's (sigma 0, C = the median per-sample norm,
+so half the examples are clipped) must agree; it also checks our per-sample gradients against an independent
+implementation. Our unclipped per-sample sum is compared with autograd's batch gradient as well.
+
+The weights are random (a benchmark needs no trained model); zero-initialised weights (proj_out, conv2, conv_out)
+are redrawn from N(0, 0.02^2) so that every selected tensor gets a non-zero gradient. Noise here comes from fixed
+seeds: a benchmark, not a training run. Numbers depend on the machine and its load; run it more than once.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from dp.finetune import private_gradient
+from dp.per_sample import per_sample_grads
+from dp.select import select_parameters, trainable_share
+from dp.step import apply_update, draw_seed
+from kernels.clip_noise import clip_and_noise_reference
+from ldm.config import PRESETS, make_config
+from ldm.data import num_classes
+from ldm.runtime import build_diffusion, build_unet, latent_shape
+
+METHODS = {"a": "non-private", "b": "ours (DP)", "c": "opacus (DP)"}
+SIGMA = 1.0  # noise multiplier for the timed steps (the time does not depend on its value)
+SEED = 0
+GOAL_VS_OPACUS = 1.5  # ours must reach at least 1.5x Opacus's samples/s
+GOAL_VS_NONPRIVATE = 1.5  # ... and take at most 1.5x the non-private step's time
+CROSS_ATTENTION_QK = {"norm2.weight", "norm2.bias", "attn2.to_q.weight", "attn2.to_k.weight"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a step needs: the model, its trainable set and one batch's worth of fake private data."""
+    cfg: object
+    unet: torch.nn.Module
+    diffusion: object
+    params: dict  # {name: parameter} selected for training
+    latents: tuple  # (mean, std), each (B, z, h, w): the "private set" is exactly one batch
+    labels: torch.Tensor  # (B,)
+    idx: torch.Tensor  # (B,) the sampled examples: all of them, every step
+    loss_gen: torch.Generator
+
+
+def build_setup(preset, batch, physical_batch, device):
+    """The preset's UNet (seeded, zero-initialised weights redrawn), its selected parameters and B random latents."""
+    cfg = make_config(preset, {"physical_batch": physical_batch})
+    torch.manual_seed(SEED)
+    unet = build_unet(cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1 and not p.any():  # zero_module weights would block every gradient behind them
+                p.normal_(0.0, 0.02)
+    unet = unet.to(device).train()
+    params = select_parameters(unet, cfg.dp.dp_blocks, cfg.dp.dp_class_embed)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    shape = (batch, *latent_shape(cfg))
+    mean = torch.randn(shape, generator=gen).to(device)
+    std = (0.1 * torch.rand(shape, generator=gen)).to(device)
+    labels = torch.randint(0, num_classes(cfg.data), (batch,), generator=gen).to(device)
+    return Setup(cfg, unet, build_diffusion(cfg), params, (mean, std), labels,
+                 torch.arange(batch, device=device), torch.Generator().manual_seed(SEED + 2))
+
+
+def draw_inputs(s, gen):
+    """(z0, y, t, noise) for the examples s.idx, drawn from `gen` exactly as `private_gradient` draws them."""
+    mean, std = s.latents
+    z0 = mean[s.idx] + std[s.idx] * torch.randn(mean[s.idx].shape, generator=gen).to(mean.device)
+    t, noise = s.diffusion.draw(z0, gen)
+    return z0, s.labels[s.idx], t, noise
+
+
+def make_optimizer(s):
+    """The preset's fine-tuning optimiser over the selected parameters."""
+    d = s.cfg.dp
+    cls = torch.optim.AdamW if d.optimizer == "adamw" else torch.optim.SGD
+    return cls(s.params.values(), lr=d.lr, weight_decay=d.weight_decay)
+
+
+def nonprivate_step(s):
+    """(a) One batch, one backward of the mean loss, one optimiser step."""
+    opt = make_optimizer(s)
+
+    def step():
+        z0, y, t, noise = draw_inputs(s, s.loss_gen)
+        s.diffusion.loss_per_example(s.unet, z0, y, t, noise).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def ours_step(s):
+    """(b) The DP step of dp/finetune.py: private_gradient over physical micro-batches, then apply_update."""
+    opt = make_optimizer(s)
+    noise_gen = torch.Generator().manual_seed(SEED + 3)
+    divisor = float(len(s.idx))  # the expected batch size q N of a Poisson step, here exactly B
+
+    def step():
+        grads = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen, s.cfg.dp,
+                                 SIGMA, divisor, draw_seed(noise_gen))
+        apply_update(opt, list(s.params.values()), grads, s.cfg.dp.lr)
+    return step
+
+
+def opacus_wrap(s, sigma, clip):
+    """(GradSampleModule around s.unet, DPOptimizer over the selected parameters) with clip C and expected batch B."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    model = GradSampleModule(s.unet, batch_first=True, loss_reduction="mean")
+    opt = DPOptimizer(make_optimizer(s), noise_multiplier=sigma, max_grad_norm=clip,
+                      expected_batch_size=len(s.idx), loss_reduction="mean")
+    return model, opt
+
+
+def opacus_backward(s, model, opt, gen):
+    """Per-sample gradients by Opacus's hooks, clipped and accumulated one physical micro-batch at a time
+    (what opacus.utils.BatchMemoryManager does: every micro-batch but the last is a skipped step)."""
+    z0, y, t, noise = draw_inputs(s, gen)
+    chunks = torch.arange(len(z0), device=z0.device).split(s.cfg.dp.physical_batch)
+    for i, c in enumerate(chunks):
+        s.diffusion.loss_per_example(model, z0[c], y[c], t[c], noise[c]).mean().backward()
+        if i < len(chunks) - 1:
+            opt.signal_skip_step(do_skip=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def opacus_step(s):
+    """(c) Opacus: GradSampleModule + DPOptimizer with the same clipping, noise and divisor as ours."""
+    model, opt = opacus_wrap(s, SIGMA, s.cfg.dp.clip)
+
+    def step():
+        opacus_backward(s, model, opt, s.loss_gen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def cpu_seconds():
+    """User + system CPU time of this process so far, all threads (robust to other processes on the machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mib():
+    """Peak resident set of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(args):
+    """Time one method (--only) in this process: median seconds per step and peak memory, as a dict."""
+    device = torch.device(args.device)
+    s = build_setup(args.preset, args.batch, args.physical_batch, device)
+    step = {"a": nonprivate_step, "b": ours_step, "c": opacus_step}[args.only](s)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = peak_rss_mib()
+    times, cpu_times = [], []
+    for i in tqdm(range(args.warmup + args.repeats), desc=METHODS[args.only], leave=False):
+        sync()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(cpu_seconds() - cpu_start)
+    seconds = statistics.median(times)
+    result = {"method": args.only, "name": METHODS[args.only], "seconds": seconds, "times": times,
+              "cpu_seconds": statistics.median(cpu_times), "cpu_times": cpu_times,
+              "samples_per_s": args.batch / seconds, "peak_rss_mib": peak_rss_mib(),
+              "step_rss_mib": peak_rss_mib() - before, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return result
+
+
+def run_child(args, method):
+    """Run `--only method` in a fresh interpreter (its own peak memory) and return its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "dp.bench", "--only", method, "--json", path, "--preset", args.preset,
+               "--batch", str(args.batch), "--physical-batch", str(args.physical_batch), "--repeats",
+               str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        subprocess.run(cmd, cwd=REPO, check=True)
+        with open(path) as f:
+            return json.load(f)
+
+
+def opacus_coverage(unet):
+    """Lines saying which layer types hold trainable parameters and whether Opacus has a grad sampler for each."""
+    from opacus import GradSampleModule
+    types = sorted({type(m).__name__: type(m) for m in unet.modules()
+                    if any(p.requires_grad for p in m.parameters(recurse=False))}.items())
+    missing = [name for name, cls in types if cls not in GradSampleModule.GRAD_SAMPLERS]
+    names = ", ".join(name for name, _ in types)
+    if missing:
+        return f"opacus: no grad sampler for {', '.join(missing)} (Opacus falls back to functorch for them); " \
+               f"trainable layer types: {names}"
+    return f"opacus: grad samplers for every trainable layer type ({names})"
+
+
+def rel_diff(a, b):
+    """max over tensors of ||a_i - b_i|| / ||b_i||."""
+    return max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(a, b))
+
+
+def zero_gradient_line(names, grads):
+    """Which selected tensors got an all-zero batch gradient, and why when it is the known structural case."""
+    zero = [n for n, g in zip(names, grads) if not g.any()]
+    kinds = sorted({n.split(".", 2)[-1] for n in zero})
+    line = f"selected tensors with an all-zero gradient: {len(zero)}/{len(names)}"
+    if zero and set(kinds) <= CROSS_ATTENTION_QK:
+        line += (f" ({', '.join(kinds)} of the transformer blocks: cross-attention to the single class-context "
+                 f"token has softmax weight 1 whatever q and k, so its query/key path gets no gradient)")
+    elif zero:
+        line += f" ({', '.join(zero[:6])}{', ...' if len(zero) > 6 else ''})"
+    return line
+
+
+def sanity_check(args, with_opacus):
+    """On one batch: ours (sigma 0) vs Opacus's clipped gradient, and our unclipped per-sample sum vs autograd."""
+    device = torch.device(args.device)
+    s = build_setup(args.preset, args.batch, args.physical_batch, device)
+    names = list(s.params)
+    state = s.loss_gen.get_state()
+    z0, y, t, noise = draw_inputs(s, s.loss_gen)
+    per_sample = per_sample_grads(s.unet, s.diffusion, s.params, z0, y, t, noise)
+    _, norms = clip_and_noise_reference([per_sample[n] for n in names], 1.0, 0.0, 1.0, 0, return_norms=True)
+    del per_sample
+    clip = norms.median().item()  # half the examples clipped, half not: both branches of the factor are used
+    s.unet.zero_grad(set_to_none=True)
+    s.diffusion.loss_per_example(s.unet, z0, y, t, noise).sum().backward()
+    autograd = [s.params[n].grad.clone() for n in names]
+    s.unet.zero_grad(set_to_none=True)
+    lines, out = [], {"clip": clip, "median_norm": clip, "max_norm": norms.max().item()}
+    s.loss_gen.set_state(state)
+    unclipped = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen,
+                                 dataclasses.replace(s.cfg.dp, clip=1e30), 0.0, 1.0, 0)
+    out["vs_autograd"] = rel_diff(unclipped, autograd)
+    lines.append(f"sanity: ours unclipped (sum of per-sample gradients) vs autograd batch gradient: max relative "
+                 f"difference {out['vs_autograd']:.2e}")
+    lines.append(zero_gradient_line(names, autograd))
+    if with_opacus:
+        s.loss_gen.set_state(state)
+        ours = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen,
+                                dataclasses.replace(s.cfg.dp, clip=clip), 0.0, float(args.batch), 0)
+        lines.append(opacus_coverage(s.unet))
+        model, opt = opacus_wrap(s, 0.0, clip)
+        opacus_backward(s, model, opt, torch.Generator().manual_seed(0).set_state(state))
+        opt.pre_step()  # clip and accumulate the last micro-batch, add (zero) noise, divide by B
+        theirs = [s.params[n].grad.clone() for n in names]
+        model._close()
+        out["vs_opacus"] = rel_diff(ours, theirs)
+        lines.append(f"sanity: ours vs opacus clipped gradient sum (sigma 0, C = median per-sample norm "
+                     f"{clip:.3g}, max norm {out['max_norm']:.3g}): max relative difference {out['vs_opacus']:.2e}")
+    return lines, out
+
+
+def print_report(results, device):
+    """The table, the ratios measured in this run (wall clock and CPU time) and whether the goals are met."""
+    on_cuda = device == "cuda"
+    mem = "peak CUDA MiB" if on_cuda else "peak RSS MiB"
+    print(f"{'method':<14} | {'s/step':>7} | {'samples/s':>9} | {'CPU s/step':>10} | {mem:>13} | {'+step MiB':>9}")
+    for r in results.values():
+        peak = r["peak_cuda_mib"] if on_cuda else r["peak_rss_mib"]
+        print(f"{r['name']:<14} | {r['seconds']:>7.3f} | {r['samples_per_s']:>9.1f} | {r['cpu_seconds']:>10.3f} | "
+              f"{peak:>13.0f} | {r['step_rss_mib']:>9.0f}")
+    a, b, c = (results.get(k) for k in "abc")
+    ratios = {"dp_over_nonprivate": a["seconds"] / b["seconds"],
+              "dp_over_nonprivate_cpu": a["cpu_seconds"] / b["cpu_seconds"]}
+    print(f"ours / non-private samples/s: {ratios['dp_over_nonprivate']:.2f} (CPU time: "
+          f"{ratios['dp_over_nonprivate_cpu']:.2f}); goal at least {1 / GOAL_VS_NONPRIVATE:.2f} "
+          f"(time at most x{GOAL_VS_NONPRIVATE}): {verdict(ratios['dp_over_nonprivate'] >= 1 / GOAL_VS_NONPRIVATE)}")
+    if c is None:
+        print("opacus not installed: no comparison column")
+        return ratios
+    ratios["dp_over_opacus"] = c["seconds"] / b["seconds"]
+    ratios["dp_over_opacus_cpu"] = c["cpu_seconds"] / b["cpu_seconds"]
+    print(f"ours / opacus samples/s: {ratios['dp_over_opacus']:.2f} (CPU time: {ratios['dp_over_opacus_cpu']:.2f}); "
+          f"goal at least {GOAL_VS_OPACUS}: {verdict(ratios['dp_over_opacus'] >= GOAL_VS_OPACUS)}")
+    return ratios
+
+
+def verdict(ok):
+    return "met" if ok else "NOT met"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    parser.add_argument("--batch", type=int, default=256, help="examples per logical step (B)")
+    parser.add_argument("--physical-batch", type=int, default=None,
+                        help="micro-batch for per-sample gradients (ours and Opacus); default: --batch")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per method (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, caches)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    parser.add_argument("--only", choices=tuple(METHODS), default=None,
+                        help="measure one method in this process (used by the main run for each subprocess)")
+    args = parser.parse_args(argv)
+    args.physical_batch = args.physical_batch or args.batch
+    for name in ("batch", "physical_batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--warmup must be >= 0 and --threads >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only:
+        result = measure(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f)
+        return
+    with_opacus = importlib.util.find_spec("opacus") is not None
+    s = build_setup(args.preset, args.batch, args.physical_batch, torch.device("cpu"))
+    n_train, share = trainable_share(s.unet, s.params)
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    version = f"opacus {importlib.import_module('opacus').__version__}" if with_opacus else "opacus not installed"
+    print(f"dp.bench: preset {args.preset}, UNet {sum(p.numel() for p in s.unet.parameters()):,} parameters, "
+          f"trainable {n_train:,} ({100 * share:.1f}%) in blocks '{s.cfg.dp.dp_blocks}' + class embedding; "
+          f"batch {args.batch}, physical batch {args.physical_batch}, C={s.cfg.dp.clip:g}, sigma={SIGMA:g}; "
+          f"{where}; torch {torch.__version__}; {version}")
+    del s
+    methods = [m for m in METHODS if m != "c" or with_opacus]
+    results = {m: run_child(args, m) for m in tqdm(methods, desc="methods (one subprocess each)")}
+    ratios = print_report(results, args.device)
+    lines, check = sanity_check(args, with_opacus)
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": where, "opacus": version, "trainable": n_train,
+                       "results": results, "ratios": ratios, "sanity": check}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Evaluation: the Frechet distance against direct float64 computations, the FID Inception network's structure
+and strict loading, validation of the synthetic .npz, model selection on synthetic data only, the command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.inception import Inception3, InceptionA, InceptionE
+
+from conftest import ROOT, SHARED_DATA
+from ldm import classifiers, evaluate
+from ldm.config import make_config
+from ldm.data import load_dataset, make_fake
+from ldm.errors import UserError
+from ldm.evaluate import feature_stats, frechet_distance
+from ldm.inception import FIDInceptionA, FIDInceptionE, FIDInceptionV3, fid_input, load_fid_inception
+
+MNIST = os.path.join(SHARED_DATA, "MNIST", "raw", "t10k-images-idx3-ubyte")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread per test: faster than two on a shared 2-core machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_gaussian(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return rng.standard_normal(d) * 2, a @ a.T / d + (0 if rank else 0.05 * np.eye(d))
+
+
+def reference_fd(mu1, s1, mu2, s2):
+    """Direct float64 computation: tr((S1 S2)^1/2) as the sum of square roots of the eigenvalues of S1 S2."""
+    ev = np.linalg.eigvals(s1 @ s2).astype(np.complex128)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).real.sum())
+
+
+# ---- Frechet distance -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [1, 7, 64])
+def test_frechet_distance_matches_direct_float64(d):
+    rng = np.random.default_rng(d)
+    for _ in range(3):
+        g1, g2 = random_gaussian(rng, d), random_gaussian(rng, d)
+        assert frechet_distance(*g1, *g2) == pytest.approx(reference_fd(*g1, *g2), rel=1e-9, abs=1e-9)
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2, a, b = rng.standard_normal(50), rng.standard_normal(50), rng.uniform(0.01, 4, 50), rng.uniform(0, 4, 50)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-12)
+
+
+def test_frechet_distance_singular_identical_and_symmetric():
+    rng = np.random.default_rng(1)
+    g1, g2 = random_gaussian(rng, 40, rank=5), random_gaussian(rng, 40, rank=3)  # singular S1 S2
+    value = frechet_distance(*g1, *g2)
+    assert np.isfinite(value) and value == pytest.approx(reference_fd(*g1, *g2), rel=1e-7)
+    assert value == pytest.approx(frechet_distance(*g2, *g1), rel=1e-9)
+    assert abs(frechet_distance(*g1, *g1)) < 1e-8 * np.trace(g1[1])
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance(g1[0], g1[1], g2[0][:3], g2[1])
+
+
+def test_frechet_distance_agrees_with_pytorch_fid_formula():
+    linalg = pytest.importorskip("scipy.linalg")  # not a project dependency: an independent cross-check only
+    rng = np.random.default_rng(2)
+    f1, f2 = rng.standard_normal((500, 30)), rng.standard_normal((400, 30)) @ rng.standard_normal((30, 30)) * 0.3 + 0.5
+    mu1, s1, mu2, s2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_feature_stats_streamed_match_numpy():
+    rng = np.random.default_rng(3)
+    f = (1000.0 + rng.standard_normal((1003, 12)) @ rng.standard_normal((12, 12))).astype(np.float32)
+    batches = (torch.from_numpy(f[i:i + 97]) for i in range(0, len(f), 97))
+    mu, sigma = feature_stats(batches)
+    f64 = f.astype(np.float64)
+    assert np.allclose(mu, f64.mean(0), rtol=0, atol=1e-10)
+    assert np.allclose(sigma, np.cov(f64, rowvar=False), rtol=1e-10, atol=1e-10)
+
+
+# ---- FID Inception network --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inception():
+    torch.manual_seed(0)
+    return FIDInceptionV3().eval()
+
+
+def test_inception_has_torchvision_names_and_shapes_with_1008_classes(inception):
+    ref = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
+    mine = inception.state_dict()
+    assert list(mine) == list(ref)  # the layout pytorch-fid loads its weights into, strictly
+    assert all(mine[k].shape == ref[k].shape for k in ref)
+    assert mine["fc.weight"].shape == (1008, 2048)
+
+
+def test_fid_blocks_pool_like_tensorflow():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    ours, tv = FIDInceptionA(8, pool_features=4).eval(), InceptionA(8, pool_features=4).eval()
+    tv.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        a, b = ours(x), tv(x)
+    assert torch.equal(a[:, :224], b[:, :224])  # the convolution branches are torchvision's
+    assert torch.allclose(a[:, 224:, 1:-1, 1:-1], b[:, 224:, 1:-1, 1:-1], atol=1e-6)  # interior: same average
+    assert not torch.allclose(a[:, 224:, 0], b[:, 224:, 0], atol=1e-4)  # border: padding not counted
+    e = FIDInceptionE(8, pool="max").eval()
+    with torch.no_grad():
+        pool_branch = e(x)[:, -192:]
+        expected = e.branch_pool(F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
+    assert torch.equal(pool_branch, expected)
+    assert e.state_dict().keys() == InceptionE(8).state_dict().keys()
+
+
+def test_inception_strict_load_and_2048_features(inception, tmp_path):
+    path = tmp_path / "pt_inception.pth"
+    state = inception.state_dict()
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)  # as old files
+    loaded = load_fid_inception(str(path))
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = inception(fid_input(x)), loaded(fid_input(x))
+    assert fid_input(x).shape == (2, 3, 299, 299) and a.shape == (2, 2048)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_inception_mismatched_weights_are_clear_errors(inception, tmp_path):
+    state = inception.state_dict()
+    dropped = dict(state)
+    del dropped["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(dropped, tmp_path / "dropped.pth")
+    with pytest.raises(UserError) as e:
+        load_fid_inception(str(tmp_path / "dropped.pth"))
+    assert "dropped.pth" in str(e.value) and "missing Mixed_7c.branch_pool.conv.weight" in str(e.value)
+    imagenet = dict(state, **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
+                              "AuxLogits.fc.weight": torch.zeros(1000, 768)})  # like torchvision's weights
+    torch.save(imagenet, tmp_path / "tv.pth")
+    with pytest.raises(UserError, match=r"unexpected AuxLogits.fc.weight.*fc.weight has shape \(1000, 2048\)"):
+        load_fid_inception(str(tmp_path / "tv.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pth is not a PyTorch state dict"):
+        load_fid_inception(str(tmp_path / "junk.pth"))
+
+
+# ---- the synthetic .npz -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fake_test():
+    return load_dataset("fake", make_config("quick", {"public": "fake", "private": "fake"}).data, "private", "test")
+
+
+def write_npz(path, n=300, seed=5, **override):
+    x, y = make_fake(n, 1, 32, seed)
+    arrays = dict(x=x[:, 0].numpy(), y=y.numpy())
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return str(path)
+
+
+def test_valid_npz_loads_channels_first(fake_test, tmp_path):
+    s = evaluate.load_synthetic(write_npz(tmp_path / "s.npz"), fake_test)
+    assert s.x.shape == (300, 1, 32, 32) and s.x.dtype == torch.uint8 and s.y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(y=None), r"has no y .*needs uint8 images x and integer labels y"),
+    (dict(x=np.zeros((300, 28, 28), np.uint8)), r"shape \(300, 28, 28\).*expected \(N, 32, 32\)"),
+    (dict(x=np.zeros((300, 32, 32, 3), np.uint8)), r"1 channel\(s\) of 32x32: expected \(N, 32, 32\)"),
+    (dict(x=np.zeros((300, 32, 32), np.float32)), "x must be uint8"),
+    (dict(y=np.arange(300) % 7), "class\\(es\\) 7, 8, 9 of fake have no synthetic images"),
+    (dict(y=np.arange(300) % 11), "labels must lie in 0..9"),
+    (dict(y=np.zeros(299, np.int64)), "y must be 300 integer labels"),
+])
+def test_bad_npz_is_a_clear_error(fake_test, tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        evaluate.load_synthetic(write_npz(tmp_path / "s.npz", **override), fake_test)
+
+
+def test_bad_input_from_the_command_is_one_line_exit_2(tmp_path, capsys):
+    def command(path, *extra):
+        return ["--synthetic", path, "--real", "fake", "--data-root", str(tmp_path), "--no-fd", *extra]
+
+    assert evaluate.main(command(write_npz(tmp_path / "s.npz", y=np.arange(300) % 9), "--n-val", "100")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "class(es) 9" in err and err.count("\n") == 1
+    ok = write_npz(tmp_path / "ok.npz")
+    assert evaluate.main(command(ok, "--n-val", "200")) == 2
+    assert "needs at least 400" in capsys.readouterr().err
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "w.pth")
+    assert evaluate.main(command(ok, "--n-val", "100", "--inception-weights", str(tmp_path / "w.pth"))) == 2
+    err = capsys.readouterr().err
+    assert "w.pth does not match the FID Inception network" in err and err.count("\n") == 1
+
+
+# ---- model selection on synthetic data only -----------------------------------------------------------------
+
+def test_real_test_set_is_used_once_per_classifier_after_training(fake_test, tmp_path, monkeypatch):
+    path = write_npz(tmp_path / "s.npz")
+    calls, real_accuracy = [], classifiers.accuracy
+
+    def recording_accuracy(model, x, y, **kw):
+        is_real = x.shape == fake_test.x.shape and torch.equal(x, fake_test.x)
+        calls.append("real_test" if is_real else f"synthetic_{len(x)}")
+        return real_accuracy(model, x, y, **kw)
+
+    monkeypatch.setattr(classifiers, "accuracy", recording_accuracy)
+    out = evaluate.run(["--synthetic", path, "--real", "fake", "--data-root", str(tmp_path), "--n-val", "100",
+                        "--classifiers", "logreg,mlp", "--epochs", "3", "--no-fd"])
+    per_classifier = ["synthetic_100"] * 3 + ["real_test"]  # 3 epochs selected on synthetic val, then test once
+    assert calls == per_classifier * 2
+    for name in ("logreg", "mlp"):
+        r = out["accuracy"][name]
+        assert r["val_accuracy_synthetic"] == max(r["val_history_synthetic"])
+        assert r["epoch"] == 1 + r["val_history_synthetic"].index(r["val_accuracy_synthetic"])
+
+
+def test_train_and_select_keeps_best_epoch_and_is_deterministic():
+    x, y = make_fake(200, 1, 32, seed=9)
+    results = []
+    for _ in range(2):
+        model = classifiers.build_classifier("cnn", 1, 32, 10, seed=3)
+        model, sel = classifiers.train_and_select(model, x[:150], y[:150], x[150:], y[150:], 4, 32, 1e-3, seed=3)
+        assert classifiers.accuracy(model, x[150:], y[150:]) == sel.val_accuracy  # the kept weights are the best
+        results.append((sel, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+# ---- the digit-classifier Frechet distance and FID through the command -----------------------------------
+
+def test_feature_network_is_cached_atomically_and_reused(tmp_path, monkeypatch):
+    cfg = make_config("quick", {"public": "fake", "private": "fake", "cache_dir": str(tmp_path / "cache")}).data
+    recipe, cpu = classifiers.FeatureRecipe(epochs=1), torch.device("cpu")
+    net, info = evaluate.feature_network(cfg, cpu, recipe)
+    assert info["trained_now"] and os.listdir(tmp_path / "cache" / "eval") == ["feature_cnn_fake_32px_1ch.pt"]
+    monkeypatch.setattr(classifiers, "train_feature_cnn", lambda *a: pytest.fail("retrained a cached network"))
+    again, info2 = evaluate.feature_network(cfg, cpu, recipe)
+    assert not info2["trained_now"] and info2["train_accuracy"] == info["train_accuracy"]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    (tmp_path / "cache" / "eval" / "feature_cnn_fake_32px_1ch.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt.*delete it"):
+        evaluate.feature_network(cfg, cpu, recipe)
+
+
+class TinyFeatures(nn.Module):
+    """Stands in for the Inception network (same input, 8-d features) to test the FID wiring quickly."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 16, 8)
+
+    def forward(self, x):  # (B, 3, 299, 299) -> (B, 8)
+        return self.proj(F.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+def test_command_fd_and_fid_are_zero_for_the_real_set_itself(fake_test, tmp_path, monkeypatch):
+    same = write_npz(tmp_path / "same.npz", x=fake_test.x[:, 0].numpy(), y=fake_test.y.numpy())
+    other = write_npz(tmp_path / "other.npz", n=256, seed=11)
+    (tmp_path / "w.pth").write_bytes(b"")
+    torch.manual_seed(0)
+    monkeypatch.setattr(evaluate, "load_fid_inception", lambda path: TinyFeatures())
+    args = ["--real", "fake", "--data-root", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--n-val", "50",
+            "--classifiers", "none", "--inception-weights", str(tmp_path / "w.pth")]
+    a = evaluate.run(["--synthetic", same, *args])
+    b = evaluate.run(["--synthetic", other, *args])
+    assert a["accuracy"] == {} and "NOT FID" in a["fd_digit_classifier"]["note"]
+    assert abs(a["fd_digit_classifier"]["value"]) < 1e-9 and abs(a["fid"]["value"]) < 1e-9
+    assert b["fd_digit_classifier"]["value"] > 1e-7 and b["fid"]["value"] > 1e-7  # another draw of the fake set
+    assert a["fd_digit_classifier"]["feature_cnn"]["trained_now"] and not b["fd_digit_classifier"]["feature_cnn"]["trained_now"]
+    assert os.path.exists(tmp_path / "cache" / "eval" / "feature_cnn_fake_32px_1ch.pt")
+
+
+@pytest.mark.skipif(not os.path.exists(MNIST), reason="real MNIST not available under ../shared/data")
+def test_command_on_mnist_prints_one_json_object(tmp_path):
+    cfg = make_config("quick", {"data_root": SHARED_DATA}).data
+    train = load_dataset("mnist", cfg, "private", split="train")
+    path = str(tmp_path / "synth.npz")
+    np.savez(path, x=train.x[:3000, 0].numpy(), y=train.y[:3000].numpy())  # stand-in "synthetic" set
+    out = str(tmp_path / "eval.json")
+    cmd = [sys.executable, "-m", "ldm.evaluate", "--synthetic", path, "--real", "mnist", "--data-root", SHARED_DATA,
+           "--n-val", "500", "--classifiers", "logreg,mlp", "--epochs", "3", "--no-fd", "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)  # exactly one JSON object on stdout; progress went to stderr
+    assert result == json.load(open(out))
+    assert {"synthetic_file", "n_synthetic", "n_train", "n_val", "real_set", "n_real_test", "accuracy",
+            "fd_digit_classifier", "fid", "seeds", "device", "protocol"} <= set(result)
+    assert (result["n_synthetic"], result["n_train"], result["n_val"], result["n_real_test"]) == (3000, 2500, 500, 10000)
+    assert result["fid"] is None and result["fd_digit_classifier"] is None
+    for name in ("logreg", "mlp"):
+        r = result["accuracy"][name]
+        assert r["test_accuracy"] > 0.6 and 1 <= r["epoch"] <= 3  # chance is 0.1
