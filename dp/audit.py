@@ -59,7 +59,8 @@ from tqdm import tqdm
 
 import train
 from dp.accountant import compute_epsilon, neighbouring_relation
-from dp.finetune import encode_private, load_pretrained, privacy_plan, private_gradient, secret_generators
+from dp.finetune import (check_clip_backend, encode_private, load_pretrained, privacy_plan, private_gradient,
+                         secret_generators)
 from dp.per_sample import per_sample_grads
 from dp.poisson import poisson_sample
 from dp.select import select_parameters
@@ -312,6 +313,7 @@ def run_audit(cfg, out, device, m=500, canary="white", steps=None, level=0.05):
     """
     d, started = cfg.dp, time.time()
     check_audit_args(m, canary, level, steps)
+    check_clip_backend(d.clip_backend, device)
     data = load_dataset(cfg.data.private, cfg.data, "private")
     n_real = len(data)
     q, steps, sigma = audit_plan(d, n_real + m, m, steps)  # every input checked before training
