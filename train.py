@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from dp.finetune import train_finetune
+from dp.select import parse_blocks
 from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import PRESETS, add_config_flags, config_to_dict, make_config, overrides_from_args
 from ldm.data import check_pair, load_dataset, to_unit_range
@@ -224,6 +225,8 @@ def run(argv=None):
     args = parse_args(argv)
     cfg = make_config(args.preset, overrides_from_args(args))
     check_pair(cfg.data)
+    if args.stage in ("finetune", "all"):
+        parse_blocks(cfg.dp.dp_blocks, build_unet(cfg))  # a bad --dp-blocks stops the run before any work
     out = args.out or os.path.join("runs", cfg.preset)
     existed = os.path.exists(out)
     dist, device = init_distributed(pick_device(cfg.run.device), cfg.run.dist_timeout)

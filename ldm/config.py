@@ -119,7 +119,7 @@ PRESETS = {
         ae_channels=8, ae_mult=(1, 2, 2), ae_steps=60, ae_batch=16, ae_lr=1e-3,
         unet_channels=16, unet_mult=(1, 2), unet_heads=2, unet_context_dim=16,
         sample_steps=10, pretrain_steps=60, pretrain_batch=16, pretrain_lr=1e-3, pretrain_warmup=5,
-        pretrain_ema=0.9, epsilon=10.0, delta=1e-3, clip=1.0, expected_batch=16, epochs=1.0,
+        pretrain_ema=0.9, epsilon=10.0, delta=1e-5, clip=1.0, expected_batch=16, epochs=1.0,
         physical_batch=8, lr=1e-3, dp_ema=0.9, log_every=10, ckpt_every=20, grid_n=16,
     ),
     # Sized for a 2-core CPU: synthdigits -> MNIST. Stage times are measured in the README.
