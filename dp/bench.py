@@ -27,6 +27,7 @@ seeds: a benchmark, not a training run. Numbers depend on the machine and its lo
 
 import argparse
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -135,6 +137,8 @@ def opacus_wrap(s, sigma, clip):
     """(GradSampleModule around s.unet, DPOptimizer over the selected parameters) with clip C and expected batch B."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
+    # the latents need no gradient, so torch says Opacus's backward hooks see gradients w.r.t. outputs only: expected
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     model = GradSampleModule(s.unet, batch_first=True, loss_reduction="mean")
     opt = DPOptimizer(make_optimizer(s), noise_multiplier=sigma, max_grad_norm=clip,
                       expected_batch_size=len(s.idx), loss_reduction="mean")
@@ -219,7 +223,7 @@ def run_child(args, method):
 
 
 def opacus_coverage(unet):
-    """Lines saying which layer types hold trainable parameters and whether Opacus has a grad sampler for each."""
+    """One line: the layer types that hold trainable parameters and whether Opacus has a grad sampler for each."""
     from opacus import GradSampleModule
     types = sorted({type(m).__name__: type(m) for m in unet.modules()
                     if any(p.requires_grad for p in m.parameters(recurse=False))}.items())
@@ -249,6 +253,12 @@ def zero_gradient_line(names, grads):
     return line
 
 
+def per_sample_norms(s, names, z0, y, t, noise):
+    """(b,) L2 norm of each example's gradient over all selected tensors jointly (private data: diagnostics only)."""
+    grads = per_sample_grads(s.unet, s.diffusion, s.params, z0, y, t, noise)
+    return clip_and_noise_reference([grads[n] for n in names], 1.0, 0.0, 1.0, 0, return_norms=True)[1]
+
+
 def sanity_check(args, with_opacus):
     """On one batch: ours (sigma 0) vs Opacus's clipped gradient, and our unclipped per-sample sum vs autograd."""
     device = torch.device(args.device)
@@ -256,9 +266,8 @@ def sanity_check(args, with_opacus):
     names = list(s.params)
     state = s.loss_gen.get_state()
     z0, y, t, noise = draw_inputs(s, s.loss_gen)
-    per_sample = per_sample_grads(s.unet, s.diffusion, s.params, z0, y, t, noise)
-    _, norms = clip_and_noise_reference([per_sample[n] for n in names], 1.0, 0.0, 1.0, 0, return_norms=True)
-    del per_sample
+    norms = torch.cat([per_sample_norms(s, names, z0[c], y[c], t[c], noise[c])
+                       for c in torch.arange(len(z0), device=z0.device).split(args.physical_batch)])
     clip = norms.median().item()  # half the examples clipped, half not: both branches of the factor are used
     s.unet.zero_grad(set_to_none=True)
     s.diffusion.loss_per_example(s.unet, z0, y, t, noise).sum().backward()
@@ -278,7 +287,9 @@ def sanity_check(args, with_opacus):
                                 dataclasses.replace(s.cfg.dp, clip=clip), 0.0, float(args.batch), 0)
         lines.append(opacus_coverage(s.unet))
         model, opt = opacus_wrap(s, 0.0, clip)
-        opacus_backward(s, model, opt, torch.Generator().manual_seed(0).set_state(state))
+        replay = torch.Generator()
+        replay.set_state(state)  # the same z0, t and noise as private_gradient drew
+        opacus_backward(s, model, opt, replay)
         opt.pre_step()  # clip and accumulate the last micro-batch, add (zero) noise, divide by B
         theirs = [s.params[n].grad.clone() for n in names]
         model._close()
@@ -338,6 +349,8 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--warmup must be >= 0 and --threads >= 1")
+    if args.only == "c" and importlib.util.find_spec("opacus") is None:
+        parser.error("--only c: opacus not installed (it is a benchmark-only dependency)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     return args
@@ -360,7 +373,8 @@ def main(argv=None):
              else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     version = f"opacus {importlib.import_module('opacus').__version__}" if with_opacus else "opacus not installed"
     print(f"dp.bench: preset {args.preset}, UNet {sum(p.numel() for p in s.unet.parameters()):,} parameters, "
-          f"trainable {n_train:,} ({100 * share:.1f}%) in blocks '{s.cfg.dp.dp_blocks}' + class embedding; "
+          f"trainable {n_train:,} ({100 * share:.1f}%) in blocks '{s.cfg.dp.dp_blocks}'"
+          f"{' + class embedding' if s.cfg.dp.dp_class_embed else ''}; "
           f"batch {args.batch}, physical batch {args.physical_batch}, C={s.cfg.dp.clip:g}, sigma={SIGMA:g}; "
           f"{where}; torch {torch.__version__}; {version}")
     del s

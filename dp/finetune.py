@@ -115,7 +115,7 @@ def private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, dp
     def micro_batches():
         for chunk in mine.split(dp_cfg.physical_batch) if len(mine) else ():
             grads = per_sample_grads(unet, diffusion, params, z0[chunk], labels[idx[chunk]], t[chunk], eps[chunk])
-            yield [grads[n] for n in names]
+            yield [grads.pop(n) for n in names]  # the consumer holds the only reference
         if extra_grads is not None and dist.main:
             yield extra_grads
 

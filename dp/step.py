@@ -38,6 +38,7 @@ def noisy_clipped_gradient(grad_batches, shapes, clip, sigma, divisor, seed, bac
     total = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
     for grads in grad_batches:
         part = clip_and_noise(grads, clip, 0.0, divisor, 0, backend=backend)
+        del grads  # free this micro-batch's per-sample gradients before the next one is computed
         for acc, g in zip(total, part):
             acc.add_(g)
     if add_noise:

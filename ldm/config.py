@@ -128,8 +128,8 @@ PRESETS = {
         ae_channels=16, ae_mult=(1, 2, 2), ae_steps=2500, ae_batch=32, ae_lr=5e-4,
         unet_channels=64, unet_mult=(1, 2), unet_heads=4, unet_context_dim=64,
         sample_steps=50, pretrain_steps=3000, pretrain_batch=64, pretrain_lr=5e-4, pretrain_warmup=200,
-        pretrain_ema=0.995, epsilon=10.0, delta=1e-5, clip=1e-2, expected_batch=1000, epochs=10.0,
-        physical_batch=100, lr=3e-4, warmup=20, dp_ema=0.98, log_every=50, ckpt_every=250,
+        pretrain_ema=0.995, epsilon=10.0, delta=1e-5, clip=1e-2, expected_batch=256, epochs=1.0,
+        physical_batch=128, lr=5e-4, warmup=10, dp_ema=0.95, log_every=25, ckpt_every=50,
     ),
     # The original work's configurations (see FACTS.md), meant for GPUs.
     "paper-mnist": dict(

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Reproduces results/mnist_quick.json: the quick preset (synthdigits public -> real MNIST private, delta 1e-5),
+# downstream CNN/MLP/logreg accuracy on the real MNIST test set for several rows. Run from the repository root:
+#   bash results/mnist_quick.sh ../shared/data
+# Sample and evaluation sizes are reduced for a 2-core CPU (N_SYNTH images, 20 DDIM steps); see README.
+set -euo pipefail
+DATA=${1:-../shared/data}
+N_SYNTH=${N_SYNTH:-5000}
+PY=.venv/bin/python
+OUT=runs/quick
+mkdir -p results/mnist_quick
+timed() { local name=$1; shift; local t0=$(date +%s); "$@"; echo $(( $(date +%s) - t0 )) > "results/mnist_quick/$name.seconds"; }
+
+# public stages (autoencoder + pretraining on synthdigits), then the rows
+[ -f $OUT/pretrain.pt ] || timed public $PY train.py --preset quick --stage pretrain --data-root "$DATA" --out $OUT
+[ -f $OUT/finetune.pt ] || timed eps10 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out $OUT --epsilon 10 --noise-seed 0
+if [ ! -f runs/quick_eps1/finetune.pt ]; then
+  mkdir -p runs/quick_eps1 && cp $OUT/autoencoder.pt $OUT/pretrain.pt runs/quick_eps1/
+  timed eps1 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out runs/quick_eps1 --epsilon 1 --noise-seed 0
+fi
+for row in public:$OUT/pretrain.pt eps10:$OUT/finetune.pt eps1:runs/quick_eps1/finetune.pt; do
+  name=${row%%:*}; ckpt=${row#*:}
+  $PY sample.py --ckpt "$ckpt" --n "$N_SYNTH" --steps 20 --out results/mnist_quick/$name.npz
+  $PY sample.py --ckpt "$ckpt" --n 100 --steps 20 --out results/mnist_quick/$name.png
+  $PY -m ldm.evaluate --synthetic results/mnist_quick/$name.npz --real mnist --data-root "$DATA" \
+      --n-val $((N_SYNTH / 5)) --out results/mnist_quick/$name.eval.json
+done
