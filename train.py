@@ -236,7 +236,7 @@ def run(argv=None):
         barrier(dist)
         run_stages(cfg, args, out, dist, device)
     except UserError:
-        if dist.main and not existed and not [f for f in os.listdir(out) if f.endswith(".pt")]:
+        if dist.main and not existed and os.path.isdir(out) and not [f for f in os.listdir(out) if f.endswith(".pt")]:
             shutil.rmtree(out, ignore_errors=True)  # a run that failed before any checkpoint leaves nothing
         raise
     finally:
