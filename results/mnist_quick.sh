@@ -30,22 +30,24 @@ done
 $PY - "$OUT" <<'PYEOF'
 import json, os, sys
 out, rows = sys.argv[1], []
-spec = [("public-only (no fine-tuning)", "public", None), ("DP fine-tuning, epsilon 10", "eps10", out),
-        ("DP fine-tuning, epsilon 1", "eps1", "runs/quick_eps1")]
-for label, name, run in spec:
+ft = "python train.py --preset quick --stage finetune --data-root DATA --noise-seed 0"
+spec = [("public-only (no fine-tuning)", "public", None, "python train.py --preset quick --stage pretrain --data-root DATA"),
+        ("DP fine-tuning, epsilon 10", "eps10", out, f"{ft} --out {out} --epsilon 10"),
+        ("DP fine-tuning, epsilon 1", "eps1", "runs/quick_eps1", f"{ft} --out runs/quick_eps1 --epsilon 1")]
+for label, name, run, command in spec:
     ev = f"results/mnist_quick/{name}.eval.json"
     if not os.path.exists(ev):
         continue
     e = json.load(open(ev))
     sec = f"results/mnist_quick/{name}.seconds"
     report = json.load(open(f"{run}/privacy_report.json")) if run else None
-    rows.append(dict(row=label, checkpoint=f"{run or out}/{'finetune' if run else 'pretrain'}.pt",
+    rows.append(dict(row=label, command=command, checkpoint=f"{run or out}/{'finetune' if run else 'pretrain'}.pt",
                      finetune_seconds=int(open(sec).read()) if os.path.exists(sec) else None,
                      epsilon=report and report["epsilon"], delta=report and report["delta"],
                      sigma=report and report["sigma"], steps=report and report["steps"],
                      accuracy={k: v["test_accuracy"] for k, v in e["accuracy"].items()},
                      fd_digit_classifier=(e.get("fd_digit_classifier") or {}).get("value"),
-                     n_synthetic=e["n_synthetic"], grid=f"results/mnist_quick/{name}.png"))
+                     n_synthetic=e["n_synthetic"], n_train=e["n_train"], n_val=e["n_val"], grid=f"results/mnist_quick/{name}.png"))
 json.dump(dict(preset="quick", public="synthdigits", private="mnist", rows=rows), open("results/mnist_quick.json", "w"), indent=2)
 print(json.dumps(rows, indent=2))
 PYEOF
