@@ -28,7 +28,7 @@ from ldm.diffusion import ema_update
 from ldm.distributed import Dist, all_reduce_sum_, barrier, init_distributed, shard, shutdown
 from ldm.errors import UserError
 from ldm.runtime import (STAGES, MetricsLog, build_autoencoder, build_diffusion, build_unet, check_compatible,
-                         latent_shape, lr_at, pick_device, prepare_out, stage_path)
+                         encode_latents, latent_shape, lr_at, pick_device, prepare_out, stage_path)
 from ldm.sampling import generate, save_grid
 
 
@@ -134,17 +134,6 @@ def train_autoencoder(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
     print(f"autoencoder: done, latent scale factor {scale:.4f}, reconstructions in {out}/reconstructions.png")
 
 
-@torch.no_grad()
-def encode_all(ae, data, device, batch=500):
-    """Posterior mean and std of every image: two (N, z, h, w) tensors on `device`."""
-    means, stds = [], []
-    for i in tqdm(range(0, len(data), batch), desc="encoding", unit="batch", leave=False):
-        post = ae.encode(to_unit_range(data.x[i:i + batch]).to(device))
-        means.append(post.mean)
-        stds.append(post.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
     """Stage 2: the class-conditional latent diffusion UNet on public images only."""
     c = cfg.pretrain
@@ -154,7 +143,7 @@ def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
         return
     ae = frozen_autoencoder(out, cfg, device)
     data = load_dataset(cfg.data.public, cfg.data, "public")
-    mean, std = encode_all(ae, data, device)
+    mean, std = encode_latents(ae, data, device, "encoding public set")
     labels = data.y.to(device)
     torch.manual_seed(cfg.run.seed)  # initialisation
     unet = build_unet(cfg).to(device)
@@ -187,7 +176,7 @@ def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
         # the global batch and its draws are identical on every rank; each rank works on its shard
         idx = torch.randint(0, len(data), (c.pretrain_batch,), generator=gen)
         noise = torch.randn(mean[idx].shape, generator=gen).to(device)
-        z0 = (mean[idx] + std[idx] * noise) * ae.scale_factor
+        z0 = mean[idx] + std[idx] * noise  # scaled latents: one posterior sample per example
         t, eps = diffusion.draw(z0, gen)
         s = shard(c.pretrain_batch, dist)
         loss = diffusion.loss_per_example(unet, z0[s], labels[idx[s]], t[s], eps[s])

@@ -32,7 +32,8 @@ from ldm.data import load_dataset
 from ldm.diffusion import ema_update
 from ldm.distributed import Dist, all_reduce_sum_, barrier, broadcast_, shard
 from ldm.errors import UserError
-from ldm.runtime import build_autoencoder, build_diffusion, build_unet, check_compatible, lr_at, stage_path
+from ldm.runtime import (build_autoencoder, build_diffusion, build_unet, check_compatible, encode_latents, lr_at,
+                         stage_path)
 
 NOT_COVERED = ("the public data sets used for the autoencoder and pretraining (assumed public)",
                "hyperparameter search or repeated runs on the private data (each run spends its own budget)",
@@ -83,15 +84,9 @@ def load_pretrained(cfg, out, device):
     return ae.to(device).eval().requires_grad_(False), unet.to(device)
 
 
-@torch.no_grad()
-def encode_private(ae, data, device, batch=500):
-    """Scaled posterior mean and std of each private image, (N, z, h, w) each. The encoder is frozen."""
-    means, stds = [], []
-    for i in tqdm(range(0, len(data), batch), desc="encoding private set", unit="batch", leave=False):
-        post = ae.encode(data.x[i:i + batch].float().div(127.5).sub(1).to(device))
-        means.append(post.mean * ae.scale_factor)
-        stds.append(post.std * ae.scale_factor)
-    return torch.cat(means), torch.cat(stds)
+def encode_private(ae, data, device):
+    """Scaled latents (mean, std) of the private set under the frozen encoder (ldm/runtime.py)."""
+    return encode_latents(ae, data, device, "encoding private set")
 
 
 def private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, dp_cfg, sigma, divisor, seed,

@@ -5,10 +5,11 @@ import os
 import time
 
 import torch
+from tqdm import tqdm
 
 from ldm.autoencoder import Autoencoder
 from ldm.config import COMPONENTS, config_to_dict
-from ldm.data import experiment_channels, num_classes
+from ldm.data import experiment_channels, num_classes, to_unit_range
 from ldm.diffusion import Diffusion
 from ldm.errors import UserError
 from ldm.unet import UNet
@@ -73,6 +74,18 @@ def build_diffusion(cfg):
 def latent_shape(cfg):
     f = 2 ** (len(cfg.ae.ae_mult) - 1)
     return (cfg.ae.ae_latent_channels, cfg.data.image_size // f, cfg.data.image_size // f)
+
+
+@torch.no_grad()
+def encode_latents(ae, data, device, desc, batch=500):
+    """Scaled posterior mean and std of every image of `data` under the frozen autoencoder: two (N, z, h, w)
+    tensors on `device`. A latent sample is mean + std * noise, one noise draw per example and step."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(data), batch), desc=desc, unit="batch", leave=False):
+        post = ae.encode(to_unit_range(data.x[i:i + batch]).to(device))
+        means.append(post.mean * ae.scale_factor)
+        stds.append(post.std * ae.scale_factor)
+    return torch.cat(means), torch.cat(stds)
 
 
 class MetricsLog:
