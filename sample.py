@@ -39,8 +39,10 @@ def parse_args(argv):
 def load_model(path, device):
     """(config, frozen autoencoder, EMA UNet) from a pretrain or finetune checkpoint, loaded strictly."""
     state, cfg = load_checkpoint(path)
-    if state.get("stage") not in ("pretrain", "finetune"):
+    if state.get("stage") not in ("pretrain", "finetune", "finetune-nonprivate"):
         raise UserError(f"{path} holds stage {state.get('stage')!r}; sampling needs a pretrain or finetune checkpoint")
+    if state.get("differentially_private") is False:
+        print(f"warning: {path}: {state['warning']}", file=sys.stderr)
     ae = build_autoencoder(cfg)
     load_state_strict(ae, state["autoencoder"], "autoencoder", path)
     unet = build_unet(cfg)
@@ -50,7 +52,7 @@ def load_model(path, device):
 
 def label_sequence(args, state, cfg):
     """Class-balanced labels 0..K-1 in turn, K = classes of the set the checkpoint was last trained on."""
-    name = cfg.data.private if state["stage"] == "finetune" else cfg.data.public
+    name = cfg.data.public if state["stage"] == "pretrain" else cfg.data.private
     k = REGISTRY[name].num_classes
     classes = list(range(k))
     if args.labels:

@@ -7,7 +7,10 @@ Stages (`--stage`, default `all`):
   autoencoder  KL autoencoder on the PUBLIC set            -> <out>/autoencoder.pt, reconstructions.png
   pretrain     latent diffusion UNet on the PUBLIC set      -> <out>/pretrain.pt, samples.png
   finetune     DP-SGD on the PRIVATE set, attention only    -> <out>/finetune.pt, privacy_report.json
-Only `finetune` (dp/finetune.py) ever reads the private set.
+Not part of `all`:
+  finetune-nonprivate  the same parameters, batches and optimiser with NO clipping or noise: a baseline
+               that is NOT differentially private (dp/nonprivate.py) -> <out>/finetune-nonprivate.pt
+Only `finetune` (dp/finetune.py) and `finetune-nonprivate` ever read the private set.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dp.finetune import train_finetune
+from dp.nonprivate import STAGE as STAGE_NONPRIVATE, train_finetune_nonprivate
 from dp.select import parse_blocks
 from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import PRESETS, add_config_flags, config_to_dict, make_config, overrides_from_args
@@ -35,7 +39,7 @@ from ldm.sampling import generate, save_grid
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper-mnist", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--stage", default="all", choices=(*STAGES, "all"))
+    p.add_argument("--stage", default="all", choices=(*STAGES, "all", STAGE_NONPRIVATE))
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     add_config_flags(p)
@@ -214,7 +218,7 @@ def run(argv=None):
     args = parse_args(argv)
     cfg = make_config(args.preset, overrides_from_args(args))
     check_pair(cfg.data)
-    if args.stage in ("finetune", "all"):
+    if args.stage in ("finetune", "all", STAGE_NONPRIVATE):
         parse_blocks(cfg.dp.dp_blocks, build_unet(cfg))  # a bad --dp-blocks stops the run before any work
     out = args.out or os.path.join("runs", cfg.preset)
     existed = os.path.exists(out)
@@ -245,6 +249,8 @@ def run_stages(cfg, args, out, dist, device):
             train_autoencoder(cfg, out, device, args.resume, log, dist=dist)
         elif stage == "pretrain":
             train_pretrain(cfg, out, device, args.resume, log, dist=dist)
+        elif stage == STAGE_NONPRIVATE:
+            train_finetune_nonprivate(cfg, out, device, args.resume, log, write_samples=write_samples, dist=dist)
         else:
             train_finetune(cfg, out, device, args.resume, log, write_samples=write_samples, dist=dist)
 

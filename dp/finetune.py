@@ -3,8 +3,10 @@
 Read top to bottom, one logical step is:
   1. Poisson-sample the private set with rate q (dp/poisson.py), from a secret generator;
   2. write the step to the privacy ledger and fsync it (dp/ledger.py);
-  3. per-sample gradients of the selected parameters over physical micro-batches (dp/per_sample.py);
-  4. clip each to C, sum, add N(0, (sigma C)^2) once, divide by q N (dp/step.py -> kernels/clip_noise.py);
+  3. per-sample gradients of the selected parameters over physical micro-batches, each clipped to C
+     jointly and summed: by book-keeping, never storing them (dp/bookkeeping.py, the default), or
+     materialised with torch.func.vmap (dp/per_sample.py) and clipped by kernels/clip_noise.py;
+  4. add N(0, (sigma C)^2) once, divide by q N (dp/step.py -> kernels/clip_noise.py);
   5. one optimiser step, one warm-up step, one EMA update.
 sigma is calibrated before training from (epsilon, delta, q, T) by dp/accountant.py. The autoencoder is
 frozen and only encodes; UNet parameters outside the selected blocks never change.
@@ -20,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 from dp.accountant import calibrate_sigma, neighbouring_relation, validate_privacy_params
+from dp.bookkeeping import check_supported, clipped_sum
 from dp.ledger import PrivacyLedger
 from dp.per_sample import per_sample_grads
 from dp.poisson import num_steps, poisson_sample, sampling_rate
 from dp.select import select_parameters, trainable_share
-from dp.step import apply_update, draw_seed, noisy_clipped_gradient
+from dp.step import ClippedSum, apply_update, draw_seed, noisy_clipped_gradient
 from kernels.clip_noise import check_triton_usable
 from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
@@ -84,6 +87,19 @@ def load_pretrained(cfg, out, device):
     return ae.to(device).eval().requires_grad_(False), unet.to(device)
 
 
+def resolve_grad_method(method, unet, params):
+    """--grad-method auto: book-keeping when every selected parameter's module supports it, else vmap."""
+    if method == "vmap":
+        return method
+    try:
+        check_supported(unet, params)
+    except NotImplementedError as e:
+        if method == "bookkeeping":
+            raise UserError(f"--grad-method bookkeeping: {e}") from None
+        return "vmap"
+    return "bookkeeping"
+
+
 def encode_private(ae, data, device):
     """Scaled latents (mean, std) of the private set under the frozen encoder (ldm/runtime.py)."""
     return encode_latents(ae, data, device, "encoding private set")
@@ -107,10 +123,16 @@ def private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, dp
     t, eps = diffusion.draw(z0, loss_gen)  # one timestep and one noise draw per example
     mine = torch.arange(len(idx))[shard(len(idx), dist)]
 
+    method = resolve_grad_method(dp_cfg.grad_method, unet, params)
+
     def micro_batches():
         for chunk in mine.split(dp_cfg.physical_batch) if len(mine) else ():
-            grads = per_sample_grads(unet, diffusion, params, z0[chunk], labels[idx[chunk]], t[chunk], eps[chunk])
-            yield [grads.pop(n) for n in names]  # the consumer holds the only reference
+            args = (z0[chunk], labels[idx[chunk]], t[chunk], eps[chunk])
+            if method == "bookkeeping":
+                yield ClippedSum(clipped_sum(unet, diffusion, params, *args, dp_cfg.clip)[0])
+            else:
+                grads = per_sample_grads(unet, diffusion, params, *args)
+                yield [grads.pop(n) for n in names]  # the consumer holds the only reference
         if extra_grads is not None and dist.main:
             yield extra_grads
 
@@ -139,6 +161,7 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, d
     ae, unet = load_pretrained(cfg, out, device)
     params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
     n_train, share = trainable_share(unet, params)
+    method = resolve_grad_method(d.grad_method, unet, params)
     pretrained = {k: v.clone() for k, v in unet.state_dict().items()}
 
     data = load_dataset(cfg.data.private, cfg.data, "private")
@@ -149,7 +172,8 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, d
     if dist.main:
         print(f"finetune: N={len(data)} private examples, q={q:.6g}, T={steps} logical steps, C={d.clip:g}, "
               f"sigma={sigma:.4f} for ({d.epsilon:g}, {d.delta:g})-DP; trainable {n_train:,} parameters "
-              f"({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}', {dist.world} process(es)")
+              f"({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}', clipping by {method}, "
+              f"{dist.world} process(es)")
     log.write(stage="finetune", event="plan", n_private=len(data), q=q, steps=steps, sigma=sigma,
               clip=d.clip, trainable=n_train, trainable_share=share)
 
@@ -210,7 +234,7 @@ def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, d
     check_frozen(unet, ema, pretrained, params)
     if not dist.main:
         return None
-    report = privacy_report(cfg, ledger, sigma, q, steps, len(data), n_train, share)
+    report = privacy_report(cfg, ledger, sigma, q, steps, len(data), n_train, share, method)
     write_report(out, report, log)
     grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples_finetune.png"), data.num_classes)
     print(f"finetune: done, samples in {grid}")
@@ -238,7 +262,7 @@ def check_frozen(unet, ema, pretrained, params):
                 raise RuntimeError(f"frozen parameter {name} changed during DP fine-tuning")
 
 
-def privacy_report(cfg, ledger, sigma, q, planned, n, n_train, share):
+def privacy_report(cfg, ledger, sigma, q, planned, n, n_train, share, method):
     d = cfg.dp
     eps = ledger.epsilon(d.delta)
     return dict(
@@ -247,7 +271,7 @@ def privacy_report(cfg, ledger, sigma, q, planned, n, n_train, share):
         accountant=("prv-accountant, upper estimate" if eps.accountant == "prv" else "RDP (PRV failed)"),
         epsilon_rdp_crosscheck=eps.epsilon_rdp, accountant_warning=eps.warning,
         neighbouring_relation=neighbouring_relation, sampling="Poisson, each example independently with rate q",
-        trainable_parameters=n_train, trainable_share=share, dp_blocks=d.dp_blocks,
+        trainable_parameters=n_train, trainable_share=share, dp_blocks=d.dp_blocks, per_sample_clipping=method,
         noise_source="operating system" if d.noise_seed is None else f"fixed seed {d.noise_seed} (experiments only)",
         not_covered=list(NOT_COVERED))
 

@@ -17,6 +17,11 @@ import torch
 from kernels.clip_noise import clip_and_noise
 
 
+class ClippedSum(list):
+    """A micro-batch whose per-sample gradients were already clipped to C and summed (dp/bookkeeping.py):
+    one fp32 tensor per parameter, each example's contribution of joint norm <= C."""
+
+
 def draw_seed(noise_generator):
     """A fresh 62-bit seed for one step's noise, from the step's secret generator."""
     return int(torch.randint(0, 2 ** 62, (1,), generator=noise_generator).item())
@@ -27,9 +32,10 @@ def noisy_clipped_gradient(grad_batches, shapes, clip, sigma, divisor, seed, bac
     """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / divisor, per selected parameter.
 
     grad_batches: an iterable over micro-batches, each a list of per-sample gradient tensors (b, *shape),
-    one per parameter in the order of `shapes`; empty for an empty Poisson sample. Each micro-batch is
-    clipped and summed by `clip_and_noise` with no noise; the noise is added once, at the end, by the same
-    function called with zero examples. Returns a list of fp32 tensors of `shapes`.
+    one per parameter in the order of `shapes`, clipped and summed here by `clip_and_noise` with no noise;
+    or a `ClippedSum`, already clipped and summed by dp/bookkeeping.py, only divided here. Empty for an
+    empty Poisson sample. The noise is added once, at the end, by `clip_and_noise` called with zero
+    examples. Returns a list of fp32 tensors of `shapes`.
 
     Several processes (ldm/distributed.py): each passes its own examples, exactly one passes
     add_noise=True, and `reduce` (an in-place sum over processes) runs before the result is returned, so
@@ -37,7 +43,10 @@ def noisy_clipped_gradient(grad_batches, shapes, clip, sigma, divisor, seed, bac
     """
     total = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
     for grads in grad_batches:
-        part = clip_and_noise(grads, clip, 0.0, divisor, 0, backend=backend)
+        if isinstance(grads, ClippedSum):
+            part = [g / divisor for g in grads]
+        else:
+            part = clip_and_noise(grads, clip, 0.0, divisor, 0, backend=backend)
         del grads  # free this micro-batch's per-sample gradients before the next one is computed
         for acc, g in zip(total, part):
             acc.add_(g)

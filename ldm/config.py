@@ -85,6 +85,7 @@ class DPConfig:
     dp_ema: float = 0.999
     noise_seed: typing.Optional[int] = None  # None: sampling and noise seeded from the OS (use for release)
     clip_backend: str = "auto"  # auto, triton or torch
+    grad_method: str = "auto"  # auto, bookkeeping or vmap: how clipped per-sample gradients are summed (dp/)
 
 
 @dataclass(frozen=True)
@@ -194,13 +195,19 @@ def config_to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+# Fields added after checkpoints were first written, with the value that reproduces what older code did.
+# Only fields that change neither the model nor the privacy guarantee belong here.
+ADDED_FIELDS = {"dp": {"grad_method": "vmap"}}
+
+
 def config_from_dict(d):
-    """Inverse of `config_to_dict`; a missing or unknown field is an error, never silently defaulted."""
+    """Inverse of `config_to_dict`; a missing or unknown field is an error, never silently defaulted
+    (except the later additions of ADDED_FIELDS, which take the value older code behaved as)."""
     try:
         parts = {}
         for comp in COMPONENTS:
             cls = Config.__dataclass_fields__[comp].default_factory
-            given = dict(d[comp])
+            given = {**ADDED_FIELDS.get(comp, {}), **dict(d[comp])}
             names = {f.name for f in fields(cls)}
             if set(given) != names:
                 diff = sorted(set(given) ^ names)
@@ -231,6 +238,7 @@ def validate(cfg):
             if isinstance(value, tuple) and (not value or any((not isinstance(v, int)) or v < 1 for v in value)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a comma-separated list of positive integers, got {value!r}")
     choices = {"ae_loss": ("l1", "l2"), "optimizer": ("adamw", "sgd"), "clip_backend": ("auto", "triton", "torch"),
+               "grad_method": ("auto", "bookkeeping", "vmap"),
                "device": ("auto", "cpu", "cuda")}
     for name, allowed in choices.items():
         value = getattr(getattr(cfg, FIELD_OWNER[name]), name)

@@ -21,8 +21,9 @@ STAGE_COMPONENTS = {
     "autoencoder": ("data", "ae"),
     "pretrain": ("data", "ae", "unet", "diffusion", "pretrain"),
     "finetune": ("data", "ae", "unet", "diffusion", "pretrain", "dp"),
+    "finetune-nonprivate": ("data", "ae", "unet", "diffusion", "pretrain", "dp"),
 }
-IGNORED_FIELDS = {"private", "data_root", "clip_backend"}
+IGNORED_FIELDS = {"private", "data_root", "clip_backend", "grad_method"}
 
 
 def pick_device(name):

@@ -1,53 +1,81 @@
 #!/usr/bin/env bash
 # Reproduces results/mnist_quick.json: the quick preset (synthdigits public -> real MNIST private, delta 1e-5),
-# downstream CNN/MLP/logreg accuracy on the real MNIST test set for several rows. Run from the repository root:
-#   bash results/mnist_quick.sh ../shared/data
-# Sample and evaluation sizes are reduced for a 2-core CPU (N_SYNTH images, 20 DDIM steps); see README.
+# downstream CNN/MLP/logreg accuracy on the real MNIST test set for four rows (public-only, DP epsilon 10,
+# DP epsilon 1, non-private fine-tuning of the same parameters), plus the epsilon-10 row at the protocol's
+# sizes (60,000 synthetic images: 50,000 train / 10,000 synthetic validation). Run from the repository root:
+#   bash results/mnist_quick.sh ../shared/data          # FULL=0 skips the protocol-size row
+# Rows use N_SYNTH images (default 5,000) and 20 DDIM steps on a 2-core CPU; see README. Finished steps are skipped.
 set -euo pipefail
 DATA=${1:-../shared/data}
 N_SYNTH=${N_SYNTH:-5000}
+FULL=${FULL:-1}
 PY=.venv/bin/python
 OUT=runs/quick
-mkdir -p results/mnist_quick
-timed() { local name=$1; shift; local t0=$(date +%s); "$@"; echo $(( $(date +%s) - t0 )) > "results/mnist_quick/$name.seconds"; }
+R=results/mnist_quick
+mkdir -p $R
+timed() { local name=$1; shift; local t0=$(date +%s); "$@"; echo $(( $(date +%s) - t0 )) > "$R/$name.seconds"; }
+from_public() { mkdir -p "$1"; for f in autoencoder.pt pretrain.pt; do [ -f "$1/$f" ] || cp $OUT/$f "$1/"; done; }
 
-# public stages (autoencoder + pretraining on synthdigits), then the rows
+# public stages (autoencoder + pretraining on synthdigits), then one fine-tuning run per row
 [ -f $OUT/pretrain.pt ] || timed public $PY train.py --preset quick --stage pretrain --data-root "$DATA" --out $OUT
 [ -f $OUT/finetune.pt ] || timed eps10 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out $OUT --epsilon 10 --noise-seed 0
 if [ ! -f runs/quick_eps1/finetune.pt ]; then
-  mkdir -p runs/quick_eps1 && cp $OUT/autoencoder.pt $OUT/pretrain.pt runs/quick_eps1/
+  from_public runs/quick_eps1
   timed eps1 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out runs/quick_eps1 --epsilon 1 --noise-seed 0
 fi
-for row in public:$OUT/pretrain.pt eps10:$OUT/finetune.pt eps1:runs/quick_eps1/finetune.pt; do
-  name=${row%%:*}; ckpt=${row#*:}
-  $PY sample.py --ckpt "$ckpt" --n "$N_SYNTH" --steps 20 --out results/mnist_quick/$name.npz
-  $PY sample.py --ckpt "$ckpt" --n 100 --steps 20 --out results/mnist_quick/$name.png
-  $PY -m ldm.evaluate --synthetic results/mnist_quick/$name.npz --real mnist --data-root "$DATA" \
-      --n-val $((N_SYNTH / 5)) --out results/mnist_quick/$name.eval.json
-done
+if [ ! -f runs/quick_nonprivate/finetune-nonprivate.pt ]; then
+  from_public runs/quick_nonprivate
+  timed nonprivate $PY train.py --preset quick --stage finetune-nonprivate --data-root "$DATA" --out runs/quick_nonprivate
+fi
+
+evaluate() {  # name checkpoint n_images
+  local name=$1 ckpt=$2 n=$3
+  [ -f $R/$name.eval.json ] && return
+  [ -f $R/$name.png ] || $PY sample.py --ckpt "$ckpt" --n 100 --steps 20 --out $R/$name.png
+  $PY sample.py --ckpt "$ckpt" --n "$n" --steps 20 --out $R/$name.npz
+  timed "$name.eval" $PY -m ldm.evaluate --synthetic $R/$name.npz --real mnist --data-root "$DATA" \
+      --n-val $((n / 5 > 10000 ? 10000 : n / 5)) --out $R/$name.eval.json
+}
+evaluate public $OUT/pretrain.pt "$N_SYNTH"
+evaluate eps10 $OUT/finetune.pt "$N_SYNTH"
+evaluate eps1 runs/quick_eps1/finetune.pt "$N_SYNTH"
+evaluate nonprivate runs/quick_nonprivate/finetune-nonprivate.pt "$N_SYNTH"
+[ "$FULL" = 1 ] && evaluate eps10_full $OUT/finetune.pt 60000
 
 # collect every row into results/mnist_quick.json
 $PY - "$OUT" <<'PYEOF'
 import json, os, sys
 out, rows = sys.argv[1], []
 ft = "python train.py --preset quick --stage finetune --data-root DATA --noise-seed 0"
-spec = [("public-only (no fine-tuning)", "public", None, "python train.py --preset quick --stage pretrain --data-root DATA"),
-        ("DP fine-tuning, epsilon 10", "eps10", out, f"{ft} --out {out} --epsilon 10"),
-        ("DP fine-tuning, epsilon 1", "eps1", "runs/quick_eps1", f"{ft} --out runs/quick_eps1 --epsilon 1")]
-for label, name, run, command in spec:
+spec = [("public-only (no fine-tuning)", "public", None, "pretrain.pt",
+         "python train.py --preset quick --stage pretrain --data-root DATA --out runs/quick"),
+        ("DP fine-tuning, epsilon 10", "eps10", out, "finetune.pt", f"{ft} --out {out} --epsilon 10"),
+        ("DP fine-tuning, epsilon 1", "eps1", "runs/quick_eps1", "finetune.pt",
+         f"{ft} --out runs/quick_eps1 --epsilon 1"),
+        ("non-private fine-tuning (same parameters; NOT DP)", "nonprivate", "runs/quick_nonprivate",
+         "finetune-nonprivate.pt",
+         "python train.py --preset quick --stage finetune-nonprivate --data-root DATA --out runs/quick_nonprivate"),
+        ("DP fine-tuning, epsilon 10, protocol sizes (50k train / 10k val)", "eps10_full", out, "finetune.pt",
+         f"{ft} --out {out} --epsilon 10")]
+for label, name, run, ckpt, command in spec:
     ev = f"results/mnist_quick/{name}.eval.json"
     if not os.path.exists(ev):
         continue
     e = json.load(open(ev))
-    sec = f"results/mnist_quick/{name}.seconds"
-    report = json.load(open(f"{run}/privacy_report.json")) if run else None
-    rows.append(dict(row=label, command=command, checkpoint=f"{run or out}/{'finetune' if run else 'pretrain'}.pt",
-                     finetune_seconds=int(open(sec).read()) if os.path.exists(sec) else None,
-                     epsilon=report and report["epsilon"], delta=report and report["delta"],
-                     sigma=report and report["sigma"], steps=report and report["steps"],
+    seconds = lambda n: int(open(f"results/mnist_quick/{n}.seconds").read()) if os.path.exists(
+        f"results/mnist_quick/{n}.seconds") else None
+    report_path = f"{run}/privacy_report.json" if run else None
+    report = json.load(open(report_path)) if report_path and os.path.exists(report_path) else None
+    rows.append(dict(row=label, command=command, checkpoint=f"{run or out}/{ckpt}",
+                     finetune_seconds=seconds(name.split("_")[0]), eval_seconds=seconds(f"{name}.eval"),
+                     differentially_private=bool(report), epsilon=report and report["epsilon"],
+                     delta=report and report["delta"], sigma=report and report["sigma"],
+                     steps=report and report["steps"],
                      accuracy={k: v["test_accuracy"] for k, v in e["accuracy"].items()},
                      fd_digit_classifier=(e.get("fd_digit_classifier") or {}).get("value"),
-                     n_synthetic=e["n_synthetic"], n_train=e["n_train"], n_val=e["n_val"], grid=f"results/mnist_quick/{name}.png"))
-json.dump(dict(preset="quick", public="synthdigits", private="mnist", rows=rows), open("results/mnist_quick.json", "w"), indent=2)
+                     n_synthetic=e["n_synthetic"], n_train=e["n_train"], n_val=e["n_val"],
+                     grid=f"results/mnist_quick/{name.split('_')[0]}.png"))
+json.dump(dict(preset="quick", public="synthdigits", private="mnist", sample_steps=20, rows=rows),
+          open("results/mnist_quick.json", "w"), indent=2)
 print(json.dumps(rows, indent=2))
 PYEOF

@@ -85,10 +85,11 @@ def naive_clipped_sum(unet, d, params, z0, y, t, noise, clip):
     return total
 
 
-def test_sigma_zero_update_is_clipped_sum_over_expected_batch_with_micro_batches():
+@pytest.mark.parametrize("method", ["bookkeeping", "vmap"])
+def test_sigma_zero_update_is_clipped_sum_over_expected_batch_with_micro_batches(method):
     unet, d = small_unet(), Diffusion()
     params = select_parameters(unet, "decoder")
-    cfg = make_config("smoke", {"physical_batch": 3, "clip": 1e-3}).dp  # small C: clipping is active
+    cfg = make_config("smoke", {"physical_batch": 3, "clip": 1e-3, "grad_method": method}).dp  # clipping active
     n = 7
     mean, std = torch.randn(n, 3, 8, 8), torch.zeros(n, 3, 8, 8)  # std 0: latents are the means
     labels = torch.arange(n) % 10
@@ -106,10 +107,11 @@ def test_sigma_zero_update_is_clipped_sum_over_expected_batch_with_micro_batches
     assert total_norm <= len(idx) * 1e-3 / 2.5 * (1 + 1e-5)
 
 
-def test_each_clipped_contribution_is_at_most_c():
+@pytest.mark.parametrize("method", ["bookkeeping", "vmap"])
+def test_each_clipped_contribution_is_at_most_c(method):
     unet, d = small_unet(), Diffusion()
     params = select_parameters(unet, "all")
-    cfg = make_config("smoke", {"clip": 1e-4}).dp
+    cfg = make_config("smoke", {"clip": 1e-4, "grad_method": method}).dp
     mean, std = torch.randn(6, 3, 8, 8) * 10, torch.zeros(6, 3, 8, 8)
     for i in range(6):  # one example at a time: its whole contribution has norm <= C
         grads = private_gradient(unet, d, params, (mean, std), torch.arange(6), torch.tensor([i]),

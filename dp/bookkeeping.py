@@ -1,0 +1,156 @@
+"""Clipped per-sample gradient sums without storing per-sample gradients ("book-keeping" clipping).
+
+The vmap path (dp/per_sample.py) materialises a (b, P) per-sample gradient for every micro-batch and
+then clips and sums it; on a CPU writing and reading those b x P numbers is most of a DP step. This
+module computes exactly the same quantity, sum_i min(1, C / (||g_i|| + EPS)) g_i, from one forward and
+one backward pass of the micro-batch (Bu et al. 2023, "Differentially private optimization on large
+model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
+
+  1. forward with hooks that keep, for every module owning a selected parameter, its input a and output;
+  2. one backward to those outputs only (no weight gradients): the output gradient d of each example
+     depends on that example alone, because no layer of the UNet mixes examples (GroupNorm/LayerNorm
+     are per example; there is no BatchNorm: `check_supported` refuses modules it does not know);
+  3. each example's squared gradient norm, layer by layer: for a Linear layer the per-sample weight
+     gradient is d_i^T a_i, whose squared norm is sum((a_i a_i^T) * (d_i d_i^T)) ("ghost norm", cheap for
+     few tokens) or, when that is dearer, the norm of d_i^T a_i built for a few examples at a time;
+     norms, biases, the class embedding: their small per-sample gradients are formed directly;
+  4. the clip factors c_i = min(1, C / (||g_i|| + EPS)), with EPS and the formula of kernels/clip_noise.py;
+  5. the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
+
+Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
+called once per forward. Anything else raises NotImplementedError (use --grad-method vmap).
+tests/test_bookkeeping.py checks the result against the vmap path and a batch-size-1 loop.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.clip_noise import EPS
+
+SUPPORTED = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+MATERIALISE_FLOATS = 1 << 18  # per-sample weight gradients built at once: 1 MiB, stays in cache for the norm
+
+
+def owners(unet, params):
+    """[(module, {local name: full name})] for the modules that own selected parameters, in model order."""
+    found = []
+    for prefix, module in unet.named_modules():
+        own = {local: f"{prefix}.{local}" if prefix else local for local, _ in module.named_parameters(recurse=False)}
+        chosen = {k: v for k, v in own.items() if v in params}
+        if chosen:
+            found.append((module, chosen))
+    return found
+
+
+def check_supported(unet, params):
+    """Raise NotImplementedError naming the first selected parameter this module cannot handle, or a layer
+    that mixes the examples of a batch (batch norm), which would break the per-example backward of step 2."""
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise NotImplementedError(f"book-keeping clipping cannot run a model with batch norm ({name}): it mixes "
+                                      f"examples; use --grad-method vmap")
+    for module, chosen in owners(unet, params):
+        if not isinstance(module, SUPPORTED):
+            raise NotImplementedError(f"book-keeping clipping does not support {type(module).__name__} "
+                                      f"(parameter {next(iter(chosen.values()))}); use --grad-method vmap")
+
+
+def _tokens(x):
+    """(b, ..., f) -> (b, T, f)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _linear_weight_sq_norms(a, d):
+    """Squared Frobenius norms of d_i^T a_i, a: (b, T, i), d: (b, T, o) -> (b,)."""
+    b, T, i = a.shape
+    o = d.shape[-1]
+    if T * (i + o) <= i * o:  # ghost norm: two (T, T) Gram matrices per example
+        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
+    chunk = max(1, MATERIALISE_FLOATS // (i * o))
+    return torch.cat([torch.linalg.vector_norm(d[s:s + chunk].transpose(1, 2) @ a[s:s + chunk], dim=(1, 2)).square()
+                      for s in range(0, b, chunk)])
+
+
+class _Layer:
+    """One module's captured input/output and what it needs for norms and the clipped sum."""
+
+    def __init__(self, module, chosen):
+        self.module, self.chosen, self.calls = module, chosen, []
+
+    def hook(self, module, inputs, output):
+        self.calls.append((inputs[0].detach(), output))
+
+    def per_sample(self, d):
+        """{local name: (b, ...) per-sample gradient} for the small parameters, and the weight's (a, d) if Linear."""
+        m, (a, _) = self.module, self.calls[0]
+        if isinstance(m, nn.Linear):
+            return {"bias": _tokens(d).sum(1)} if "bias" in self.chosen else {}
+        if isinstance(m, nn.Embedding):
+            return {}
+        if isinstance(m, nn.LayerNorm):
+            xhat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
+            dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
+        else:  # GroupNorm over (b, C, *spatial)
+            xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+            dims = tuple(range(2, a.dim()))
+        grads = {"weight": (d * xhat).sum(dims), "bias": d.sum(dims)}
+        return {k: v for k, v in grads.items() if k in self.chosen}
+
+
+def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
+    """sum_i min(1, C / (||g_i|| + EPS)) g_i over the b examples, g_i the gradient of example i's diffusion
+    loss w.r.t. all selected parameters jointly. Returns ([fp32 tensor per parameter in `params` order], norms (b,)).
+    """
+    layers = [_Layer(m, chosen) for m, chosen in owners(unet, params)]
+    handles = [layer.module.register_forward_hook(layer.hook) for layer in layers]
+    try:
+        with torch.enable_grad():
+            losses = diffusion.loss_per_example(unet, z0, y, t, noise)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in layers:
+        if len(layer.calls) != 1:
+            raise NotImplementedError(f"book-keeping clipping needs each selected module called once per forward; "
+                                      f"{type(layer.module).__name__} owning {next(iter(layer.chosen.values()))} "
+                                      f"was called {len(layer.calls)} times; use --grad-method vmap")
+    outputs = [layer.calls[0][1] for layer in layers]
+    grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+
+    b = len(z0)
+    sq = torch.zeros(b, dtype=torch.float32, device=z0.device)
+    small = []  # per layer: {local: per-sample gradient}
+    for layer, d in zip(layers, grads_out):
+        d = torch.zeros_like(layer.calls[0][1]) if d is None else d.float()
+        layer.d = d
+        ps = layer.per_sample(d)
+        small.append(ps)
+        for g in ps.values():
+            sq += g.flatten(1).square().sum(1)
+        m, a = layer.module, layer.calls[0][0]
+        if isinstance(m, nn.Linear) and "weight" in layer.chosen:
+            sq += _linear_weight_sq_norms(_tokens(a.float()), _tokens(d))
+        if isinstance(m, nn.Embedding):
+            sq += d.flatten(1).square().sum(1)  # example i's gradient is d_i in row y_i, zero elsewhere
+    norms = sq.sqrt()
+    factor = (clip / (norms + EPS)).clamp(max=1.0)
+
+    out = {}
+    for layer, ps in zip(layers, small):
+        m, a, d = layer.module, layer.calls[0][0], layer.d
+        for local, full in layer.chosen.items():
+            if local in ps:
+                out[full] = factor @ ps[local].flatten(1)
+            elif isinstance(m, nn.Linear):  # weight: sum_i c_i d_i^T a_i, scaling the narrower of d and a
+                a2, d2 = _tokens(a.float()), _tokens(d)
+                if d2.shape[-1] <= a2.shape[-1]:
+                    d2 = d2 * factor.view(-1, 1, 1)
+                else:
+                    a2 = a2 * factor.view(-1, 1, 1)
+                out[full] = d2.flatten(0, 1).T @ a2.flatten(0, 1)
+            else:  # Embedding: example i adds c_i d_i to row y_i
+                cd = d * factor.view(-1, 1)
+                out[full] = torch.zeros_like(m.weight, dtype=torch.float32).index_add_(0, a.flatten(), cd)
+        layer.calls, layer.d = [], None
+    return [out[n].reshape(p.shape) for n, p in params.items()], norms

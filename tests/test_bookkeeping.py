@@ -1,0 +1,143 @@
+"""Book-keeping clipping (dp/bookkeeping.py) computes the same clipped sum as materialised per-sample gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dp.bookkeeping as bk
+from dp.finetune import private_gradient, resolve_grad_method
+from dp.per_sample import per_sample_grads
+from dp.select import select_parameters
+from kernels.clip_noise import clip_and_noise_reference
+from ldm.config import make_config
+from ldm.diffusion import Diffusion
+from ldm.errors import UserError
+from ldm.runtime import build_unet, latent_shape
+
+
+def random_unet(preset="smoke"):
+    torch.manual_seed(0)
+    unet = build_unet(make_config(preset))
+    for p in unet.parameters():  # no zero-initialised block: every selected tensor gets a gradient
+        nn.init.normal_(p, std=0.1)
+    return unet
+
+
+def batch(preset, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(b, *latent_shape(make_config(preset)), generator=g)
+    t, noise = Diffusion().draw(z0, g)
+    return z0, torch.arange(b) % 10, t, noise
+
+
+def assert_same_sum(got, ref):
+    """Equal up to fp32 rounding, relative to the size of the whole clipped sum."""
+    scale = torch.sqrt(sum(r.double().pow(2).sum() for r in ref)).item()
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("preset,spec,embed", [("smoke", "all", True), ("smoke", "decoder", False),
+                                               ("smoke", "levels=1", True), ("quick", "all", True)])
+def test_clipped_sum_and_norms_equal_the_vmap_path(preset, spec, embed):
+    unet, d = random_unet(preset), Diffusion()
+    params = select_parameters(unet, spec, embed)
+    z0, y, t, noise = batch(preset, 6)
+    per = per_sample_grads(unet, d, params, z0, y, t, noise)
+    _, norms_ref = clip_and_noise_reference([per[n] for n in params], 1.0, 0.0, 1.0, 0, return_norms=True)
+    clip = norms_ref.median().item()  # half the examples are clipped
+    ref = clip_and_noise_reference([per[n] for n in params], clip, 0.0, 1.0, 0)
+    got, norms = bk.clipped_sum(unet, d, params, z0, y, t, noise, clip)
+    torch.testing.assert_close(norms, norms_ref, rtol=1e-4, atol=0)
+    assert_same_sum(got, ref)
+
+
+@pytest.mark.parametrize("tokens,d_in,d_out,limit", [(2, 8, 8, 1 << 22), (16, 4, 4, 1 << 22), (16, 4, 4, 40)])
+def test_linear_weight_norms_ghost_and_materialised_branches(monkeypatch, tokens, d_in, d_out, limit):
+    monkeypatch.setattr(bk, "MATERIALISE_FLOATS", limit)  # 40: two examples per chunk
+    g = torch.Generator().manual_seed(1)
+    a, dd = torch.randn(5, tokens, d_in, generator=g), torch.randn(5, tokens, d_out, generator=g)
+    want = torch.einsum("bto,bti->boi", dd, a).square().sum((1, 2))
+    torch.testing.assert_close(bk._linear_weight_sq_norms(a, dd), want, rtol=1e-5, atol=0)
+
+
+def test_one_example_norm_does_not_depend_on_the_others():
+    """Would fail if a layer mixed the examples of a batch (the backward of step 2 would leak between them)."""
+    unet, d = random_unet(), Diffusion()
+    params = select_parameters(unet, "all")
+    z0, y, t, noise = batch("smoke", 4)
+    _, norms = bk.clipped_sum(unet, d, params, z0, y, t, noise, 1.0)
+    z0b, noiseb = z0.clone(), noise.clone()
+    z0b[1:] *= 3.0
+    noiseb[1:] = -noiseb[1:]
+    _, norms_b = bk.clipped_sum(unet, d, params, z0b, y, t, noiseb, 1.0)
+    torch.testing.assert_close(norms_b[0], norms[0], rtol=1e-5, atol=0)
+    assert not torch.allclose(norms_b[1:], norms[1:])
+
+
+@pytest.mark.parametrize("physical", [1, 4, 7])
+def test_private_gradient_is_the_same_by_either_method(physical):
+    unet, d = random_unet(), Diffusion()
+    params = select_parameters(unet, "all")
+    n = 7
+    latents = (torch.randn(n, *latent_shape(make_config("smoke"))), torch.full((n, 3, 8, 8), 0.1))
+    idx, labels = torch.tensor([0, 1, 2, 4, 5, 6]), torch.arange(n)
+    out = {}
+    for method in ("bookkeeping", "vmap"):
+        cfg = make_config("smoke", {"physical_batch": physical, "clip": 1e-3, "grad_method": method}).dp
+        out[method] = private_gradient(unet, d, params, latents, labels, idx, torch.Generator().manual_seed(2),
+                                       cfg, sigma=0.5, divisor=3.0, seed=11)
+    assert_same_sum(out["bookkeeping"], out["vmap"])  # same examples, draws and noise seed
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.conv = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Conv1d(4, 4, 1)
+
+
+def test_unsupported_models_fall_back_to_vmap_or_are_refused():
+    model = WithBatchNorm()
+    with pytest.raises(NotImplementedError, match="batch norm"):
+        bk.check_supported(model, {"lin.weight": model.lin.weight})
+    del model.bn
+    conv = {"conv.weight": model.conv.weight}
+    with pytest.raises(NotImplementedError, match="Conv1d"):
+        bk.check_supported(model, conv)
+    assert resolve_grad_method("auto", model, conv) == "vmap"
+    with pytest.raises(UserError, match="--grad-method bookkeeping: .*Conv1d"):
+        resolve_grad_method("bookkeeping", model, conv)
+    unet = random_unet()
+    assert resolve_grad_method("auto", unet, select_parameters(unet, "all")) == "bookkeeping"
+    assert resolve_grad_method("vmap", unet, select_parameters(unet, "all")) == "vmap"
+
+
+def test_a_module_called_twice_is_refused():
+    lin = nn.Linear(3, 3)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, t, y):
+            return self.lin(self.lin(x))
+
+    class Loss:
+        def loss_per_example(self, model, x, y, t, noise):
+            return model(x, t, y).pow(2).sum(1)
+
+    with pytest.raises(NotImplementedError, match="called 2 times"):
+        bk.clipped_sum(Twice(), Loss(), dict(lin.named_parameters(prefix="lin")), torch.randn(2, 3),
+                       torch.zeros(2), torch.zeros(2), torch.zeros(2, 3), 1.0)
+
+
+def test_configs_stored_before_grad_method_existed_load_as_vmap_and_others_stay_strict():
+    from ldm.config import config_from_dict, config_to_dict
+    stored = config_to_dict(make_config("smoke"))
+    del stored["dp"]["grad_method"]  # a checkpoint written before --grad-method existed
+    assert config_from_dict(stored).dp.grad_method == "vmap"  # what that code did
+    del stored["dp"]["clip"]
+    with pytest.raises(UserError, match="clip"):
+        config_from_dict(stored)

@@ -1,0 +1,93 @@
+"""The non-private baseline stage: right gradient, same parameters as the DP stage, and never mistaken for DP."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import sample
+import train
+from dp.nonprivate import STAGE, mean_gradient, train_finetune_nonprivate
+from dp.per_sample import per_sample_grads
+from dp.select import select_parameters
+from ldm.checkpoint import load_checkpoint
+from ldm.config import make_config
+from ldm.diffusion import Diffusion
+from ldm.distributed import Dist
+from ldm.runtime import MetricsLog, build_unet
+
+BASE = {"ae_steps": 10, "pretrain_steps": 10, "ckpt_every": 4, "log_every": 4}
+FLAGS = ["--preset", "smoke", "--ae-steps", "10", "--pretrain-steps", "10", "--ckpt-every", "4", "--log-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pre"))
+    for stage in ("autoencoder", "pretrain"):
+        assert train.main([*FLAGS, "--stage", stage, "--out", out]) == 0
+    return out
+
+
+def fresh_run(pretrained, tmp_path, name="run"):
+    out = str(tmp_path / name)
+    os.makedirs(out)
+    for f in ("autoencoder.pt", "pretrain.pt"):
+        shutil.copy(os.path.join(pretrained, f), out)
+    return out
+
+
+def test_gradient_is_the_unclipped_mean_of_per_sample_gradients_over_micro_batches():
+    torch.manual_seed(0)
+    unet, d = build_unet(make_config("smoke")), Diffusion()
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    params = select_parameters(unet, "decoder")
+    unet.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    z0, y = torch.randn(7, 3, 8, 8, generator=g), torch.arange(7)
+    t, noise = d.draw(z0, g)
+    got = mean_gradient(unet, d, params, z0, y, t, noise, physical_batch=3)
+    per = per_sample_grads(unet, d, params, z0, y, t, noise)
+    for (name, _), value in zip(params.items(), got):
+        torch.testing.assert_close(value, per[name].mean(0), rtol=1e-4, atol=1e-7)
+    empty = mean_gradient(unet, d, params, z0[:0], y[:0], t[:0], noise[:0], physical_batch=3)
+    assert all(not v.any() for v in empty)
+
+
+def test_stage_trains_only_the_dp_parameters_and_is_marked_not_private(pretrained, tmp_path, capsys):
+    out = fresh_run(pretrained, tmp_path)
+    assert train.main([*FLAGS, "--stage", STAGE, "--out", out, "--dp-blocks", "decoder"]) == 0
+    assert STAGE in capsys.readouterr().out
+    state = load_checkpoint(os.path.join(out, f"{STAGE}.pt"))[0]
+    assert state["stage"] == STAGE and state["differentially_private"] is False and "privacy" not in state
+    for name in ("finetune.pt", "privacy_report.json", "privacy_ledger.jsonl"):
+        assert not os.path.exists(os.path.join(out, name)), name  # nothing that looks like a DP result
+    pre = load_checkpoint(os.path.join(out, "pretrain.pt"))[0]["ema"]
+    selected = set(select_parameters(build_unet(make_config("smoke")), "decoder"))
+    changed = {n for n, v in state["unet"].items() if not torch.equal(v, pre[n])}
+    assert changed and changed <= selected
+    # sampling works and says, on stderr, that the model is not private
+    assert sample.main(["--ckpt", os.path.join(out, f"{STAGE}.pt"), "--n", "4", "--steps", "2",
+                        "--out", str(tmp_path / "g.png")]) == 0
+    assert "NOT differentially private" in capsys.readouterr().err
+    # a second run without --resume is refused
+    assert train.main([*FLAGS, "--stage", STAGE, "--out", out]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_gives_the_same_model_as_a_straight_run(pretrained, tmp_path):
+    cfg = make_config("smoke", {**BASE, "ckpt_every": 2})
+    straight, resumed = fresh_run(pretrained, tmp_path, "a"), fresh_run(pretrained, tmp_path, "b")
+    skip = lambda *a: "skipped"  # noqa: E731
+    run = lambda out, resume, stop_at=None: train_finetune_nonprivate(  # noqa: E731
+        cfg, out, torch.device("cpu"), resume, MetricsLog(None), skip, Dist(), stop_at=stop_at)
+    run(straight, False)
+    assert run(resumed, False, stop_at=3) is None
+    assert load_checkpoint(os.path.join(resumed, f"{STAGE}.pt"))[0]["step"] == 2
+    run(resumed, True)
+    a = load_checkpoint(os.path.join(straight, f"{STAGE}.pt"))[0]
+    b = load_checkpoint(os.path.join(resumed, f"{STAGE}.pt"))[0]
+    assert a["step"] == b["step"] and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
