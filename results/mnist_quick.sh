@@ -2,7 +2,8 @@
 # Reproduces results/mnist_quick.json: the quick preset (synthdigits public -> real MNIST private, delta 1e-5),
 # downstream CNN/MLP/logreg accuracy on the real MNIST test set for four rows (public-only, DP epsilon 10,
 # DP epsilon 1, non-private fine-tuning of the same parameters), plus the epsilon-10 row at the protocol's
-# sizes (60,000 synthetic images: 50,000 train / 10,000 synthetic validation). Run from the repository root:
+# sizes (60,000 synthetic images: 50,000 train / 10,000 synthetic validation) and an epsilon-10 run with five
+# DP epochs instead of one (T = 1172 steps, sigma 0.463). Run from the repository root:
 #   bash results/mnist_quick.sh ../shared/data          # FULL=0 skips the protocol-size row
 # Rows use N_SYNTH images (default 5,000) and 20 DDIM steps on a 2-core CPU; see README. Finished steps are skipped.
 set -euo pipefail
@@ -28,11 +29,16 @@ if [ ! -f runs/quick_nonprivate/finetune-nonprivate.pt ]; then
   timed nonprivate $PY train.py --preset quick --stage finetune-nonprivate --data-root "$DATA" --out runs/quick_nonprivate
 fi
 
+if [ ! -f runs/quick_eps10_e5/finetune.pt ]; then
+  from_public runs/quick_eps10_e5
+  timed eps10e5 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out runs/quick_eps10_e5 --epsilon 10 --epochs 5 --noise-seed 0
+fi
+
 evaluate() {  # name checkpoint n_images
   local name=$1 ckpt=$2 n=$3
   [ -f $R/$name.eval.json ] && return
   [ -f $R/$name.png ] || $PY sample.py --ckpt "$ckpt" --n 100 --steps 20 --out $R/$name.png
-  $PY sample.py --ckpt "$ckpt" --n "$n" --steps 20 --out $R/$name.npz
+  [ -f $R/$name.npz ] || $PY sample.py --ckpt "$ckpt" --n "$n" --steps 20 --out $R/$name.npz
   timed "$name.eval" $PY -m ldm.evaluate --synthetic $R/$name.npz --real mnist --data-root "$DATA" \
       --n-val $((n / 5 > 10000 ? 10000 : n / 5)) --out $R/$name.eval.json
 }
@@ -40,7 +46,8 @@ evaluate public $OUT/pretrain.pt "$N_SYNTH"
 evaluate eps10 $OUT/finetune.pt "$N_SYNTH"
 evaluate eps1 runs/quick_eps1/finetune.pt "$N_SYNTH"
 evaluate nonprivate runs/quick_nonprivate/finetune-nonprivate.pt "$N_SYNTH"
-[ "$FULL" = 1 ] && evaluate eps10_full $OUT/finetune.pt 60000
+evaluate eps10e5 runs/quick_eps10_e5/finetune.pt "$N_SYNTH"
+if [ "$FULL" = 1 ]; then evaluate eps10_full $OUT/finetune.pt 60000; fi
 
 # collect every row into results/mnist_quick.json
 $PY - "$OUT" <<'PYEOF'
@@ -56,7 +63,9 @@ spec = [("public-only (no fine-tuning)", "public", None, "pretrain.pt",
          "finetune-nonprivate.pt",
          "python train.py --preset quick --stage finetune-nonprivate --data-root DATA --out runs/quick_nonprivate"),
         ("DP fine-tuning, epsilon 10, protocol sizes (50k train / 10k val)", "eps10_full", out, "finetune.pt",
-         f"{ft} --out {out} --epsilon 10")]
+         f"{ft} --out {out} --epsilon 10"),
+        ("DP fine-tuning, epsilon 10, 5 epochs", "eps10e5", "runs/quick_eps10_e5", "finetune.pt",
+         f"{ft} --out runs/quick_eps10_e5 --epsilon 10 --epochs 5")]
 for label, name, run, ckpt, command in spec:
     ev = f"results/mnist_quick/{name}.eval.json"
     if not os.path.exists(ev):

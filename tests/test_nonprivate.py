@@ -1,7 +1,6 @@
 """The non-private baseline stage: right gradient, same parameters as the DP stage, and never mistaken for DP."""
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from ldm.config import make_config
 from ldm.diffusion import Diffusion
 from ldm.distributed import Dist
 from ldm.runtime import MetricsLog, build_unet
+from test_dp import fresh_run  # copies a finished run's public stages into a new folder
 
 BASE = {"ae_steps": 10, "pretrain_steps": 10, "ckpt_every": 4, "log_every": 4}
 FLAGS = ["--preset", "smoke", "--ae-steps", "10", "--pretrain-steps", "10", "--ckpt-every", "4", "--log-every", "4"]
@@ -26,14 +26,6 @@ def pretrained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pre"))
     for stage in ("autoencoder", "pretrain"):
         assert train.main([*FLAGS, "--stage", stage, "--out", out]) == 0
-    return out
-
-
-def fresh_run(pretrained, tmp_path, name="run"):
-    out = str(tmp_path / name)
-    os.makedirs(out)
-    for f in ("autoencoder.pt", "pretrain.pt"):
-        shutil.copy(os.path.join(pretrained, f), out)
     return out
 
 
