@@ -18,7 +18,7 @@ model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
   5. the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
 
 Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
-called once per forward. Anything else raises NotImplementedError (use --grad-method vmap).
+called at most once per forward (a module not called has a zero gradient). Anything else raises NotImplementedError (use --grad-method vmap).
 tests/test_bookkeeping.py checks the result against the vmap path and a batch-size-1 loop.
 """
 
@@ -110,6 +110,8 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     finally:
         for h in handles:
             h.remove()
+    unused = [layer for layer in layers if not layer.calls]  # not on the forward path: zero gradient
+    layers = [layer for layer in layers if layer.calls]
     for layer in layers:
         if len(layer.calls) != 1:
             raise NotImplementedError(f"book-keeping clipping needs each selected module called once per forward; "
@@ -136,7 +138,7 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     norms = sq.sqrt()
     factor = (clip / (norms + EPS)).clamp(max=1.0)
 
-    out = {}
+    out = {full: torch.zeros(params[full].shape, device=z0.device) for layer in unused for full in layer.chosen.values()}
     for layer, ps in zip(layers, small):
         m, a, d = layer.module, layer.calls[0][0], layer.d
         for local, full in layer.chosen.items():

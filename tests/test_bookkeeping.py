@@ -133,6 +133,32 @@ def test_a_module_called_twice_is_refused():
                        torch.zeros(2), torch.zeros(2), torch.zeros(2, 3), 1.0)
 
 
+def test_a_selected_module_off_the_forward_path_gets_zero_gradient():
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x, t, y):
+            return self.used(x)
+
+    class Loss:
+        def loss_per_example(self, model, x, y, t, noise):
+            return model(x, t, y).pow(2).sum(1)
+
+    model = Spare()
+    params = dict(model.named_parameters())
+    got, norms = bk.clipped_sum(model, Loss(), params, torch.randn(4, 3), torch.zeros(4), torch.zeros(4),
+                                torch.zeros(4, 3), 1e6)
+    grads = dict(zip(params, got))
+    assert not grads["spare.weight"].any() and not grads["spare.bias"].any() and grads["used.weight"].any()
+    x = torch.randn(4, 3)  # the used layer's result still matches autograd
+    got, _ = bk.clipped_sum(model, Loss(), params, x, torch.zeros(4), torch.zeros(4), torch.zeros(4, 3), 1e6)
+    model.zero_grad()
+    model.used(x).pow(2).sum().backward()
+    torch.testing.assert_close(got[0], model.used.weight.grad)
+
+
 def test_configs_stored_before_grad_method_existed_load_as_vmap_and_others_stay_strict():
     from ldm.config import config_from_dict, config_to_dict
     stored = config_to_dict(make_config("smoke"))
