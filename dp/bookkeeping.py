@@ -18,7 +18,8 @@ model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
   5. the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
 
 Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
-called at most once per forward (a module not called has a zero gradient). Anything else raises NotImplementedError (use --grad-method vmap).
+called at most once per forward (a module not called has a zero gradient). Anything else raises
+`Unsupported` (use --grad-method vmap).
 tests/test_bookkeeping.py checks the result against the vmap path and a batch-size-1 loop.
 """
 
@@ -30,6 +31,10 @@ from kernels.clip_noise import EPS
 
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 MATERIALISE_FLOATS = 1 << 18  # per-sample weight gradients built at once: 1 MiB, stays in cache for the norm
+
+
+class Unsupported(ValueError):
+    """The model or the selection is outside what book-keeping handles; --grad-method vmap handles it."""
 
 
 def owners(unet, params):
@@ -44,15 +49,15 @@ def owners(unet, params):
 
 
 def check_supported(unet, params):
-    """Raise NotImplementedError naming the first selected parameter this module cannot handle, or a layer
+    """Raise Unsupported naming the first selected parameter this module cannot handle, or a layer
     that mixes the examples of a batch (batch norm), which would break the per-example backward of step 2."""
     for name, module in unet.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise NotImplementedError(f"book-keeping clipping cannot run a model with batch norm ({name}): it mixes "
+            raise Unsupported(f"book-keeping clipping cannot run a model with batch norm ({name}): it mixes "
                                       f"examples; use --grad-method vmap")
     for module, chosen in owners(unet, params):
         if not isinstance(module, SUPPORTED):
-            raise NotImplementedError(f"book-keeping clipping does not support {type(module).__name__} "
+            raise Unsupported(f"book-keeping clipping does not support {type(module).__name__} "
                                       f"(parameter {next(iter(chosen.values()))}); use --grad-method vmap")
 
 
@@ -114,7 +119,7 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     layers = [layer for layer in layers if layer.calls]
     for layer in layers:
         if len(layer.calls) != 1:
-            raise NotImplementedError(f"book-keeping clipping needs each selected module called once per forward; "
+            raise Unsupported(f"book-keeping clipping needs each selected module called at most once per forward; "
                                       f"{type(layer.module).__name__} owning {next(iter(layer.chosen.values()))} "
                                       f"was called {len(layer.calls)} times; use --grad-method vmap")
     outputs = [layer.calls[0][1] for layer in layers]
@@ -138,7 +143,8 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     norms = sq.sqrt()
     factor = (clip / (norms + EPS)).clamp(max=1.0)
 
-    out = {full: torch.zeros(params[full].shape, device=z0.device) for layer in unused for full in layer.chosen.values()}
+    out = {full: torch.zeros(params[full].shape, device=z0.device)
+           for layer in unused for full in layer.chosen.values()}
     for layer, ps in zip(layers, small):
         m, a, d = layer.module, layer.calls[0][0], layer.d
         for local, full in layer.chosen.items():

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dp.accountant import calibrate_sigma, neighbouring_relation, validate_privacy_params
-from dp.bookkeeping import check_supported, clipped_sum
+from dp.bookkeeping import Unsupported, check_supported, clipped_sum
 from dp.ledger import PrivacyLedger
 from dp.per_sample import per_sample_grads
 from dp.poisson import num_steps, poisson_sample, sampling_rate
@@ -93,7 +93,7 @@ def resolve_grad_method(method, unet, params):
         return method
     try:
         check_supported(unet, params)
-    except NotImplementedError as e:
+    except Unsupported as e:
         if method == "bookkeeping":
             raise UserError(f"--grad-method bookkeeping: {e}") from None
         return "vmap"
