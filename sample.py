@@ -6,20 +6,34 @@
 The .npz holds uint8 images `x` (N, H, W) for one channel or (N, H, W, C) otherwise, int64 labels `y`,
 class-balanced over all classes of the checkpoint's data set unless --labels chooses some. Sampling
 from a DP fine-tuned checkpoint is post-processing: it costs no privacy.
+
+Every output records where it came from (`provenance`): the .npz in a 0-d unicode entry `metadata`, the PNG
+in an iTXt chunk `metadata`, both one JSON object, and the same object in a card beside it
+(synth.npz -> synth.card.json). Each is written atomically; an old card is removed before its data file
+is replaced and the new card is written after it, so a kill leaves no partial file and no card that describes
+other samples (the data file always carries its own copy).
 """
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 
 import numpy as np
 import torch
 
-from ldm.checkpoint import atomic_write_bytes, load_checkpoint, load_state_strict
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, load_state_strict
 from ldm.data import REGISTRY
 from ldm.errors import UserError
 from ldm.runtime import build_autoencoder, build_diffusion, build_unet, latent_shape, pick_device
-from ldm.sampling import generate, save_grid
+from ldm.sampling import METADATA_KEY, generate, save_grid
+
+CREATED_BY = "dp-ldm sample.py"
+PUBLIC_ONLY = "public data only: no private data was used"
+POST_PROCESSING = ("sampling reads the model, never the data: it is post-processing and costs no privacy beyond "
+                   "what the model's training spent")
+REPORT_KEYS = ("epsilon", "delta", "neighbouring_relation", "accountant", "private_set", "steps")
 
 
 def parse_args(argv):
@@ -50,20 +64,80 @@ def load_model(path, device):
     return cfg, state, ae.to(device).eval(), unet.to(device).eval()
 
 
-def label_sequence(args, state, cfg):
-    """Class-balanced labels 0..K-1 in turn, K = classes of the set the checkpoint was last trained on."""
+def sample_classes(args, state, cfg):
+    """Classes to sample in turn: 0..K-1 (K = classes of the set the checkpoint was last trained on) or --labels."""
     name = cfg.data.public if state["stage"] == "pretrain" else cfg.data.private
     k = REGISTRY[name].num_classes
-    classes = list(range(k))
-    if args.labels:
-        try:
-            classes = [int(v) for v in args.labels.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
-        bad = [c for c in classes if not 0 <= c < k]
-        if bad or not classes:
-            raise UserError(f"--labels {args.labels!r}: classes must lie in 0..{k - 1} for {name}")
-    return torch.tensor(classes)[torch.arange(args.n) % len(classes)]
+    if not args.labels:
+        return list(range(k))
+    try:
+        classes = [int(v) for v in args.labels.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    bad = [c for c in classes if not 0 <= c < k]
+    if bad or not classes:
+        raise UserError(f"--labels {args.labels!r}: classes must lie in 0..{k - 1} for {name}")
+    return classes
+
+
+def privacy_facts(path, state, cfg):
+    """What the checkpoint itself records about privacy, as metadata fields; nothing is inferred.
+
+    pretrain: public data only (differentially_private None). finetune-nonprivate: False, with its warning.
+    finetune: True with the numbers of the `privacy_report` it carries (the same dict as privacy_report.json);
+    a fine-tuning checkpoint without `differentially_private: True` and that report is refused, not guessed.
+    """
+    stage = state["stage"]
+    none = dict(epsilon=None, delta=None, neighbouring_relation=None, accountant=None, privacy_report=None)
+    if stage == "pretrain":
+        return dict(none, differentially_private=None, privacy=PUBLIC_ONLY, private_set=None, warning=None)
+    if stage == "finetune-nonprivate":
+        if state.get("differentially_private") is not False or not state.get("warning"):
+            raise UserError(f"{path}: a finetune-nonprivate checkpoint must carry differentially_private: False and "
+                            f"its warning; this one does not, so its samples cannot be labelled")
+        return dict(none, differentially_private=False, private_set=cfg.data.private, warning=state["warning"],
+                    privacy=f"trained on the private set '{cfg.data.private}' with no clipping and no noise: "
+                            f"no privacy guarantee")
+    report = state.get("privacy_report")
+    if state.get("differentially_private") is not True or not isinstance(report, dict):
+        raise UserError(f"{path} is a fine-tuning checkpoint without differentially_private: True and a "
+                        f"privacy_report: it predates provenance records, so its samples cannot be labelled "
+                        f"differentially private; fine-tune again into a new --out with this version")
+    missing = [k for k in REPORT_KEYS if k not in report]
+    if missing:
+        raise UserError(f"{path}: its privacy_report lacks {', '.join(missing)}; it cannot label its samples")
+    if report["steps"] != state["step"]:
+        raise UserError(f"{path}: its privacy_report covers {report['steps']} steps but the model has taken "
+                        f"{state['step']}; the report does not describe this model")
+    return dict(
+        differentially_private=True, epsilon=report["epsilon"], delta=report["delta"],
+        neighbouring_relation=report["neighbouring_relation"], accountant=report["accountant"],
+        private_set=report["private_set"], privacy_report=report, warning=None,
+        privacy=f"({report['epsilon']:.4g}, {report['delta']:g})-DP with respect to the private set "
+                f"'{report['private_set']}' under {report['neighbouring_relation']}")
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(args, state, cfg, out_name, sampling):
+    """The metadata object stored in the .npz / PNG and its card. Holds file names only, never a path."""
+    return dict(
+        created_by=CREATED_BY, file=out_name, stage=state["stage"],
+        **privacy_facts(args.ckpt, state, cfg),
+        post_processing=POST_PROCESSING, public_set=cfg.data.public, preset=cfg.preset,
+        checkpoint=os.path.basename(args.ckpt), checkpoint_step=state["step"], checkpoint_sha256=sha256_of(args.ckpt),
+        sampling=sampling)
+
+
+def card_path(out):
+    """synth.npz -> synth.card.json, grid.png -> grid.card.json (beside the data file)."""
+    return os.path.splitext(out)[0] + ".card.json"
 
 
 def run(argv=None):
@@ -84,16 +158,26 @@ def run(argv=None):
     if steps > cfg.diffusion.timesteps:
         raise UserError(f"--steps {steps} cannot exceed the model's {cfg.diffusion.timesteps} timesteps")
     eta = cfg.diffusion.eta if args.eta is None else args.eta
-    labels = label_sequence(args, state, cfg)
+    classes = sample_classes(args, state, cfg)
+    labels = torch.tensor(classes)[torch.arange(args.n) % len(classes)]  # image i has label classes[i % K]
+    sampling = dict(sampler="ddim", steps=steps, eta=eta, seed=args.seed, n=args.n, labels=classes,
+                    batch_size=args.batch_size, device=device.type)
+    meta = provenance(args, state, cfg, os.path.basename(args.out), sampling)  # refuses before any sampling
     gen = torch.Generator().manual_seed(args.seed)
     images = generate(ae, unet, build_diffusion(cfg), labels, latent_shape(cfg), steps, eta, gen, args.batch_size)
+    card = card_path(args.out)
+    if os.path.exists(card):
+        os.remove(card)  # a card never describes other samples than those beside it, even after a kill below
     if ext == ".png":
-        save_grid(images, args.out)
+        save_grid(images, args.out, metadata=meta)
     else:
         x = images.permute(0, 2, 3, 1).numpy()
         x = x[..., 0] if x.shape[-1] == 1 else x
-        atomic_write_bytes(args.out, lambda f: np.savez(f, x=x, y=labels.numpy().astype(np.int64)))
-    print(f"wrote {len(images)} samples to {args.out} ({steps} DDIM steps, eta {eta}, seed {args.seed})")
+        arrays = {"x": x, "y": labels.numpy().astype(np.int64), METADATA_KEY: np.array(json.dumps(meta))}
+        np.savez(open(args.out, "wb"), **arrays)
+    atomic_write_json(card, meta)
+    print(f"wrote {len(images)} samples to {args.out} and its card {card} ({steps} DDIM steps, "
+          f"eta {eta}, seed {args.seed}); differentially private: {meta['differentially_private']}")
 
 
 def main(argv=None):

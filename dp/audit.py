@@ -59,22 +59,23 @@ from tqdm import tqdm
 
 import train
 from dp.accountant import compute_epsilon, neighbouring_relation
-from dp.finetune import (check_clip_backend, encode_private, load_pretrained, privacy_plan, private_gradient,
-                         secret_generators)
+from dp.finetune import check_clip_backend, encode_private, load_pretrained, privacy_plan, private_task
 from dp.per_sample import per_sample_grads
-from dp.poisson import poisson_sample
-from dp.select import select_parameters
-from dp.step import apply_update, draw_seed
+from dp.randomness import poisson_sample, run_secret
+from dp.sensitivity import check_sensitivity, random_task
+from dp.step import Mechanism, apply_update, make_optimizer, private_gradient
+from kernels.clip_noise import clip_and_noise
 from ldm.checkpoint import atomic_write_json
 from ldm.config import PRESETS, add_config_flags, make_config, overrides_from_args
 from ldm.data import ImageSet, check_pair, load_dataset
 from ldm.errors import UserError
-from ldm.runtime import MetricsLog, build_diffusion, latent_shape, lr_at, pick_device, prepare_out
+from ldm.runtime import MetricsLog, latent_shape, lr_at, pick_device, prepare_out, stage_path
 
 CANARY_KINDS = ("white", "black")
 GUESS_FRACTIONS = (0.05, 0.1, 0.2)  # k = fraction * m guesses on each side, fixed in advance (Bonferroni)
 CANARY_GRADIENT = 4.0  # a white-box canary's gradient norm before clipping, in units of C
 SCORE_DRAWS = 16  # (t, noise) draws per black-box canary
+SENSITIVITY_OTHERS = 32  # --check-sensitivity: examples in the batch besides x
 EPS_MAX = 50.0  # the bisection's upper end: no run of m <= 10^9 canaries can audit above it
 
 
@@ -271,36 +272,32 @@ def audit_plan(dp_cfg, n, m, steps):
         raise UserError(f"{e} (the audit's N = {n - m} private examples + {m} canaries)") from None
 
 
-def train_with_canaries(unet, diffusion, params, latents, labels, n_real, included, coords, d, loss_gen,
-                        q, steps, sigma):
-    """T logical DP steps over the private set plus the included canaries, as in dp/finetune.py.
+def train_with_canaries(task, n_real, included, coords, d, q, steps, sigma):
+    """T logical DP steps over the private set plus the included canaries, with dp/step.py's `private_gradient`.
 
     Canary j is slot n_real + j of the sampled set; a slot whose canary is out is discarded. White-box
-    (coords given): canaries enter `private_gradient` as extra per-example gradients; returns the (m,)
-    float64 white-box scores. Black-box (coords None): canary j is example n_real + j of `latents`.
+    (coords given): the canaries' one-hot gradients are clipped to C by the same `clip_and_noise` as the vmap
+    path and added to the clipped sum; returns the (m,) float64 white-box scores. Black-box (coords None):
+    canary j is example n_real + j of the task's latents, through the default gradient path.
     No EMA, ledger or checkpoints: post-processing and bookkeeping that change nothing the audit scores.
     """
-    n, device = n_real + len(included), latents[0].device
-    opt_cls = torch.optim.AdamW if d.optimizer == "adamw" else torch.optim.SGD
-    opt = opt_cls(params.values(), lr=d.lr, weight_decay=d.weight_decay)
-    sample_gen, noise_gen = secret_generators(d.noise_seed)
-    shapes = [p.shape for p in params.values()]
+    n, device = n_real + len(included), task.latents[0].device
+    mech = Mechanism(q, d.clip, sigma, q * n)
+    opt, secret = make_optimizer(d, task.params), run_secret(d.noise_seed)
     scores = torch.zeros(len(included), dtype=torch.float64)
     for step in tqdm(range(steps), desc=f"audit: DP fine-tune with {len(included)} canaries"):
-        idx = poisson_sample(n, q, sample_gen)  # real examples and canary slots, each with rate q
+        idx = poisson_sample(secret, step, n, q)  # real examples and canary slots, each with rate q
         real, slots = idx[idx < n_real], idx[idx >= n_real] - n_real
         present = slots[included[slots]]
         if coords is None:
-            grads = private_gradient(unet, diffusion, params, latents, labels,
-                                     torch.cat([real, n_real + present]).to(device), loss_gen, d, sigma,
-                                     divisor=q * n, seed=draw_seed(noise_gen))
+            grads = private_gradient(task, mech, secret, step, torch.cat([real, n_real + present]).to(device))
         else:
-            extra = canary_gradients(coords, present, shapes, CANARY_GRADIENT * d.clip, device)
-            grads = private_gradient(unet, diffusion, params, latents, labels, real.to(device), loss_gen, d,
-                                     sigma, divisor=q * n, seed=draw_seed(noise_gen), extra_grads=extra)
+            extra = canary_gradients(coords, present, task.shapes, CANARY_GRADIENT * d.clip, device)
+            extra = None if extra is None else clip_and_noise(extra, d.clip, 0.0, 1.0, 0, backend=task.backend)
+            grads = private_gradient(task, mech, secret, step, real.to(device), extra=extra)
             released = torch.cat([g.flatten() for g in grads])  # (P,) what the optimiser receives
             scores += released[coords.to(device)].double().cpu() * (q * n / d.clip)
-        apply_update(opt, list(params.values()), grads, lr_at(step, d.lr, d.warmup))
+        apply_update(opt, list(task.params.values()), grads, lr_at(step, d.lr, d.warmup))
     return scores if coords is not None else None
 
 
@@ -318,24 +315,20 @@ def run_audit(cfg, out, device, m=500, canary="white", steps=None, level=0.05):
     n_real = len(data)
     q, steps, sigma = audit_plan(d, n_real + m, m, steps)  # every input checked before training
     ae, unet = load_pretrained(cfg, out, device)
-    params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
-    diffusion = build_diffusion(cfg)
+    task = private_task(cfg, ae, unet, data, device)
     # the secret: which canaries are in the data set, drawn before training, read only by `one_run_bound`
     included = torch.rand(m, generator=audit_generator(cfg.run.seed, "inclusion")) < 0.5
-    latents, labels = encode_private(ae, data, device), data.y.to(device)
     coords, untouched = None, 0
     if canary == "white":
-        coords, untouched = canary_coordinates(unet, diffusion, params, cfg, m,
+        coords, untouched = canary_coordinates(unet, task.diffusion, task.params, cfg, m,
                                                audit_generator(cfg.run.seed, "coordinates"))
     else:
         images = input_canaries(m, data, audit_generator(cfg.run.seed, "images"))
-        latents = tuple(torch.cat(pair) for pair in zip(latents, encode_private(ae, images, device)))
-        labels = torch.cat([labels, images.y.to(device)])
-    loss_gen = torch.Generator().manual_seed(cfg.run.seed + 3)
-    scores = train_with_canaries(unet, diffusion, params, latents, labels, n_real, included, coords, d,
-                                 loss_gen, q, steps, sigma)
+        task.latents = tuple(torch.cat(pair) for pair in zip(task.latents, encode_private(ae, images, device)))
+        task.labels = torch.cat([task.labels, images.y.to(device)])
+    scores = train_with_canaries(task, n_real, included, coords, d, q, steps, sigma)
     if canary == "black":
-        scores = loss_scores(unet.eval(), diffusion, latents[0][n_real:], labels[n_real:],
+        scores = loss_scores(unet.eval(), task.diffusion, task.latents[0][n_real:], task.labels[n_real:],
                              audit_generator(cfg.run.seed, "score"))
     accounted = compute_epsilon(sigma, q, steps, d.delta)
     result = one_run_bound(scores, included, d.delta, level)
@@ -381,8 +374,24 @@ def parse_args(argv):
     p.add_argument("--level", type=float, default=0.05, help="significance level of the bound")
     p.add_argument("--canary", default="white", choices=CANARY_KINDS, help="white-box gradient canaries "
                                                                            "or black-box input canaries")
+    p.add_argument("--check-sensitivity", action="store_true",
+                   help="instead of the audit: check that adding one example changes the clipped sum by at most C "
+                        "(dp/sensitivity.py), on the pretrained model in --out if there is one, else on the "
+                        "preset's architecture with random weights and latents; exit 1 above 1 + 1e-5")
     add_config_flags(p)
     return p.parse_args(argv)
+
+
+def sensitivity(cfg, out, device):
+    """The --check-sensitivity report: on <out>'s pretrained model and private set if finished, else random."""
+    secret = run_secret(cfg.dp.noise_seed)
+    if os.path.exists(stage_path(out, "pretrain")):
+        ae, unet = load_pretrained(cfg, out, device)
+        task, model = private_task(cfg, ae, unet, load_dataset(cfg.data.private, cfg.data, "private"), device), out
+    else:
+        task, model = random_task(cfg, SENSITIVITY_OTHERS + 1, device), "the preset's architecture, random weights"
+    report = check_sensitivity(task, cfg.dp.clip, secret, SENSITIVITY_OTHERS)
+    return dict(report, preset=cfg.preset, model=model, clip=cfg.dp.clip)
 
 
 def run(argv=None):
@@ -392,6 +401,9 @@ def run(argv=None):
     cfg = make_config(args.preset, overrides_from_args(args))
     check_pair(cfg.data)
     out = args.out or os.path.join("runs", cfg.preset)
+    if args.check_sensitivity:
+        with contextlib.redirect_stdout(sys.stderr):
+            return sensitivity(cfg, out, pick_device(cfg.run.device))
     prepare_out(out)
     device = pick_device(cfg.run.device)
     log = MetricsLog(os.path.join(out, "metrics.jsonl"))

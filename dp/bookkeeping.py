@@ -15,6 +15,8 @@ model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
      few tokens) or, when that is dearer, the norm of d_i^T a_i built for a few examples at a time;
      norms, biases, the class embedding: their small per-sample gradients are formed directly;
   4. the clip factors c_i = min(1, C / (||g_i|| + EPS)), with EPS and the formula of kernels/clip_noise.py;
+     an example whose norm is not finite gets c_i = 0 and its activations and output gradients are zeroed,
+     so that it contributes exactly zero (never 0 x inf = NaN);
   5. the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
 
 Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.clip_noise import EPS
+from kernels.clip_noise import clip_factors
 
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 MATERIALISE_FLOATS = 1 << 18  # per-sample weight gradients built at once: 1 MiB, stays in cache for the norm
@@ -103,6 +105,18 @@ class _Layer:
         return {k: v for k, v in grads.items() if k in self.chosen}
 
 
+def _drop_examples(layers, small, keep):
+    """Zero every captured tensor of the examples not in `keep` (b,) bool: they then contribute exactly zero."""
+    def zeroed(x):
+        return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    for layer, ps in zip(layers, small):
+        a, out = layer.calls[0]
+        layer.calls[0] = (a if a.dtype == torch.long else zeroed(a), out)
+        layer.d = zeroed(layer.d)
+        for k in ps:
+            ps[k] = zeroed(ps[k])
+
+
 def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     """sum_i min(1, C / (||g_i|| + EPS)) g_i over the b examples, g_i the gradient of example i's diffusion
     loss w.r.t. all selected parameters jointly. Returns ([fp32 tensor per parameter in `params` order], norms (b,)).
@@ -141,7 +155,10 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
         if isinstance(m, nn.Embedding):
             sq += d.flatten(1).square().sum(1)  # example i's gradient is d_i in row y_i, zero elsewhere
     norms = sq.sqrt()
-    factor = (clip / (norms + EPS)).clamp(max=1.0)
+    factor = clip_factors(norms, clip)
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        _drop_examples(layers, small, finite)
 
     out = {full: torch.zeros(params[full].shape, device=z0.device)
            for layer in unused for full in layer.chosen.values()}

@@ -1,60 +1,66 @@
-"""Stage 3: DP fine-tuning of the attention blocks on the PRIVATE set. The only code that reads private data.
+"""Stage 3: DP fine-tuning of the attention blocks on the PRIVATE set.
 
-Read top to bottom, one logical step is:
-  1. Poisson-sample the private set with rate q (dp/poisson.py), from a secret generator;
+Threat model. The adversary knows the code, the resolved configuration (seeds included) and every file a run
+writes: checkpoints, logs, the privacy ledger, the report and the sample grids. It also knows every private
+example but one. The only secret is the randomness the run draws from the operating system: a 256-bit key
+(dp/randomness.py), never stored in a release run. Under add/remove-one neighbours the released model is the
+Poisson-subsampled Gaussian mechanism that dp/accountant.py accounts, with sensitivity C, post-processed.
+The number N of private examples is treated as public, as Opacus and the original work do: q = expected
+batch / N, T and the check delta < 1/N use it. `--private-size N` fixes them from a public bound instead, and
+then the real size is neither printed nor stored. Nothing else computed from private data leaves the run: no
+batch sizes, losses, label statistics or per-example norms in logs, and no error message shows a data value.
+
+Read top to bottom, one logical step (dp/step.py, `dp_step`) is:
+  1. Poisson-sample the private set with rate q from the secret (dp/randomness.py);
   2. write the step to the privacy ledger and fsync it (dp/ledger.py);
-  3. per-sample gradients of the selected parameters over physical micro-batches, each clipped to C
-     jointly and summed: by book-keeping, never storing them (dp/bookkeeping.py, the default), or
-     materialised with torch.func.vmap (dp/per_sample.py) and clipped by kernels/clip_noise.py;
-  4. add N(0, (sigma C)^2) once, divide by q N (dp/step.py -> kernels/clip_noise.py);
-  5. one optimiser step, one warm-up step, one EMA update.
-sigma is calibrated before training from (epsilon, delta, q, T) by dp/accountant.py. The autoencoder is
-frozen and only encodes; UNet parameters outside the selected blocks never change.
+  3. for each sampled example, its own posterior sample, timestep and diffusion noise from counters keyed by
+     (secret, step, its index): adding or removing one example changes no other example's draws. (Adding or
+     removing an example of the data set shifts the indices of later examples; their draws then come from
+     other counters of a generator keyed by a secret the adversary does not know, so they stay independent
+     of the example either way.)
+  4. per-example gradients of the selected parameters over physical micro-batches, each clipped to C jointly
+     and summed: by book-keeping, never storing them (dp/bookkeeping.py, the default), or materialised with
+     torch.func.vmap (dp/per_sample.py) and clipped by kernels/clip_noise.py; a non-finite example adds zero;
+  5. add N(0, (sigma C)^2) once, divide by q N (kernels/clip_noise.py), one optimiser step, warm-up, EMA.
+sigma is calibrated before training from (epsilon, delta, q, T) by dp/accountant.py. The autoencoder is frozen
+and only encodes; UNet parameters outside the selected blocks never change (checked at the end).
 """
 
 import copy
-import json
+import dataclasses
 import os
-import secrets
-import warnings
 
 import torch
 from tqdm import tqdm
 
 from dp.accountant import calibrate_sigma, neighbouring_relation, validate_privacy_params
-from dp.bookkeeping import Unsupported, check_supported, clipped_sum
+from dp.bookkeeping import Unsupported, check_supported
 from dp.ledger import PrivacyLedger
-from dp.per_sample import per_sample_grads
-from dp.poisson import num_steps, poisson_sample, sampling_rate
+from dp.poisson import num_steps, sampling_rate
+from dp.randomness import run_secret
+from dp.report import privacy_report, write_report
 from dp.select import select_parameters, trainable_share
-from dp.step import ClippedSum, apply_update, draw_seed, noisy_clipped_gradient
+from dp.step import Mechanism, Task, dp_step, make_optimizer
 from kernels.clip_noise import check_triton_usable
-from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
+from ldm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
-from ldm.data import load_dataset
+from ldm.data import load_dataset, num_classes
 from ldm.diffusion import ema_update
-from ldm.distributed import Dist, all_reduce_sum_, barrier, broadcast_, shard
+from ldm.distributed import Dist, barrier
 from ldm.errors import UserError
 from ldm.runtime import (build_autoencoder, build_diffusion, build_unet, check_compatible, encode_latents, lr_at,
                          stage_path)
 
-NOT_COVERED = ("the public data sets used for the autoencoder and pretraining (assumed public)",
-               "hyperparameter search or repeated runs on the private data (each run spends its own budget)",
-               "floating-point artefacts of the Gaussian sampler (Jin et al. 2022)")
 
-
-def secret_generators(noise_seed):
-    """(sampling generator, noise generator): seeded from the OS, or from --noise-seed for experiments."""
-    if noise_seed is None:
-        return (torch.Generator().manual_seed(secrets.randbits(63)),
-                torch.Generator().manual_seed(secrets.randbits(63)))
-    warnings.warn(f"--noise-seed {noise_seed}: Poisson sampling and noise are reproducible from this seed; "
-                  f"the run is for experiments, not for release", stacklevel=2)
-    return torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed + 7919)
+def public_size(dp_cfg, data):
+    """(N used for q, T and delta, where it comes from): --private-size, or the private set's size (public)."""
+    if dp_cfg.private_size is not None:
+        return dp_cfg.private_size, "--private-size (a public bound; the real size is not used)"
+    return len(data), "the private set's size, treated as public (as Opacus and the original work do)"
 
 
 def privacy_plan(dp_cfg, n):
-    """(q, T, sigma) for N private examples, every input validated before any example is used."""
+    """(q, T, sigma) for N = n (public) examples, every input validated before any example is used."""
     validate_privacy_params(epsilon=dp_cfg.epsilon, delta=dp_cfg.delta, n=n)
     if not dp_cfg.clip > 0:
         raise UserError(f"--clip must be positive, got {dp_cfg.clip}")
@@ -62,6 +68,13 @@ def privacy_plan(dp_cfg, n):
     steps = num_steps(dp_cfg.epochs, q)
     sigma = calibrate_sigma(dp_cfg.epsilon, q, steps, dp_cfg.delta)
     return q, steps, sigma
+
+
+def check_labels(data, classes, name):
+    """Every private label lies in [0, K) for the registry's K classes; the message shows no data value."""
+    if len(data) and not bool(((data.y >= 0) & (data.y < classes)).all()):
+        raise UserError(f"the private set {name!r} has labels outside 0..{classes - 1}, the {classes} classes the "
+                        f"data registry gives it; fix the data set (no label value is shown: they are private)")
 
 
 def check_clip_backend(backend, device):
@@ -105,153 +118,155 @@ def encode_private(ae, data, device):
     return encode_latents(ae, data, device, "encoding private set")
 
 
-def private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, dp_cfg, sigma, divisor, seed,
-                     extra_grads=None, dist=Dist()):
-    """The noisy clipped gradient of one logical step for the sampled examples `idx` (any size, even 0).
-
-    latents: (mean, std) scaled posterior tensors of the whole private set; labels: (N,).
-    extra_grads: optional list of (k, *shape) per-sample gradients clipped and summed with the examples'
-    (the audit's canaries); None in training. Returns a list of tensors shaped like `params`.
-    With several processes, each computes its shard of `idx`; the sums are all-reduced and the noise
-    is added by rank 0 only (see dp/step.py), so every rank returns the same gradient.
-    """
-    mean, std = latents
-    names = list(params)
-    # every example's randomness is drawn for the whole logical batch first, on every rank alike, so that
-    # neither the micro-batches nor the processes change which posterior sample, timestep and noise it gets
-    z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=loss_gen).to(mean.device)
-    t, eps = diffusion.draw(z0, loss_gen)  # one timestep and one noise draw per example
-    mine = torch.arange(len(idx))[shard(len(idx), dist)]
-
-    method = resolve_grad_method(dp_cfg.grad_method, unet, params)
-
-    def micro_batches():
-        for chunk in mine.split(dp_cfg.physical_batch) if len(mine) else ():
-            args = (z0[chunk], labels[idx[chunk]], t[chunk], eps[chunk])
-            if method == "bookkeeping":
-                yield ClippedSum(clipped_sum(unet, diffusion, params, *args, dp_cfg.clip)[0])
-            else:
-                grads = per_sample_grads(unet, diffusion, params, *args)
-                yield [grads.pop(n) for n in names]  # the consumer holds the only reference
-        if extra_grads is not None and dist.main:
-            yield extra_grads
-
-    shapes = [params[n].shape for n in names]
-    return noisy_clipped_gradient(micro_batches(), shapes, dp_cfg.clip, sigma, divisor, seed,
-                                  backend=dp_cfg.clip_backend, device=mean.device, add_noise=dist.main,
-                                  reduce=lambda ts: all_reduce_sum_(ts, dist))
+def private_task(cfg, ae, unet, data, device):
+    """The fine-tuning Task (dp/step.py): selected parameters, encoded private latents, labels, grad method."""
+    d = cfg.dp
+    params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
+    return Task(unet, build_diffusion(cfg), params, encode_private(ae, data, device), data.y.to(device),
+                resolve_grad_method(d.grad_method, unet, params), d.physical_batch, d.clip_backend)
 
 
-def shared_poisson_sample(n, q, generator, dist, device):
-    """Rank 0 draws the Poisson sample from its secret generator; every rank receives the same indices."""
-    mask = torch.zeros(n, dtype=torch.uint8, device=device)
-    if dist.main:
-        mask[poisson_sample(n, q, generator).to(device)] = 1
-    broadcast_(mask, dist)
-    return torch.nonzero(mask).flatten()
+@dataclasses.dataclass
+class FinetuneRun:
+    """Everything the loop of `train_finetune` needs, built by `start_finetune`."""
+
+    cfg: object
+    out: str
+    path: str
+    ae: torch.nn.Module
+    task: Task
+    mech: Mechanism
+    steps: int
+    n: int
+    n_source: str
+    secret: object
+    opt: torch.optim.Optimizer
+    ema: torch.nn.Module
+    ledger: PrivacyLedger
+    pretrained: dict
 
 
-def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, dist=Dist()):
-    """Stage 3. Returns the privacy report (a dict) when the run finishes."""
+def start_finetune(cfg, out, device, resume, dist):
+    """Load the public model and the private set, plan the mechanism, open the ledger, resume if asked."""
     d = cfg.dp
     path = stage_path(out, "finetune")
     if os.path.exists(path) and not resume:
         raise UserError(f"{path} already exists; pass --resume to continue this run or choose another --out")
     check_clip_backend(d.clip_backend, device)
     ae, unet = load_pretrained(cfg, out, device)
-    params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
-    n_train, share = trainable_share(unet, params)
-    method = resolve_grad_method(d.grad_method, unet, params)
     pretrained = {k: v.clone() for k, v in unet.state_dict().items()}
-
     data = load_dataset(cfg.data.private, cfg.data, "private")
-    if int(data.y.max()) >= unet.class_embed.num_embeddings:
-        raise UserError(f"private labels reach {int(data.y.max())} but the class table has "
-                        f"{unet.class_embed.num_embeddings} rows")
-    q, steps, sigma = privacy_plan(d, len(data))
-    if dist.main:
-        print(f"finetune: N={len(data)} private examples, q={q:.6g}, T={steps} logical steps, C={d.clip:g}, "
-              f"sigma={sigma:.4f} for ({d.epsilon:g}, {d.delta:g})-DP; trainable {n_train:,} parameters "
-              f"({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}', clipping by {method}, "
-              f"{dist.world} process(es)")
-    log.write(stage="finetune", event="plan", n_private=len(data), q=q, steps=steps, sigma=sigma,
-              clip=d.clip, trainable=n_train, trainable_share=share)
-
-    latents = encode_private(ae, data, device)
-    labels = data.y.to(device)
-    diffusion = build_diffusion(cfg)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt_cls = torch.optim.AdamW if d.optimizer == "adamw" else torch.optim.SGD
-    opt = opt_cls(params.values(), lr=d.lr, weight_decay=d.weight_decay)
-    sample_gen, noise_gen = secret_generators(d.noise_seed)
-    loss_gen = torch.Generator().manual_seed(cfg.run.seed + 3)
-    # every rank reads the ledger (a shared file system on several machines); only rank 0 writes it
+    check_labels(data, num_classes(cfg.data), cfg.data.private)
+    n, n_source = public_size(d, data)
+    q, steps, sigma = privacy_plan(d, n)
+    task = private_task(cfg, ae, unet, data, device)
     ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"), sigma, q, d.clip, writer=dist.main)
     ledger.check_mechanism()
+    run = FinetuneRun(cfg, out, path, ae, task, Mechanism(q, d.clip, sigma, q * n), steps, n, n_source,
+                      run_secret(d.noise_seed), make_optimizer(d, task.params),
+                      copy.deepcopy(unet).requires_grad_(False), ledger, pretrained)
     if resume and os.path.exists(path):
-        restore(path, cfg, unet, ema, opt, loss_gen, sample_gen, noise_gen)
+        restore(run)
     elif ledger.steps:
         raise UserError(f"{ledger.path} already records {ledger.steps} steps; pass --resume or choose another --out")
+    return run
 
-    def save(done):
-        if not dist.main:
-            return barrier(dist)
-        eps = ledger.epsilon(d.delta)
-        save_checkpoint(path, dict(
-            config=config_to_dict(cfg), stage="finetune", step=ledger.steps, done=done,
-            unet=unet.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), autoencoder=ae.state_dict(),
-            loss_generator=loss_gen.get_state(),
-            # the secret generators are stored only in experiment mode: a released checkpoint must not let
-            # anyone regenerate the noise or the Poisson samples
-            secret_generators=[sample_gen.get_state(), noise_gen.get_state()] if d.noise_seed is not None else [],
-            privacy=dict(sigma=sigma, q=q, steps_planned=steps, clip=d.clip, delta=d.delta,
-                         epsilon=eps.epsilon if eps else 0.0, accountant=eps.accountant if eps else None,
-                         ledger=ledger.entries)))
-        barrier(dist)
 
-    bar = tqdm(range(ledger.steps, steps), desc="finetune (DP)", initial=ledger.steps, total=steps,
+def stored_privacy(run):
+    """What a finetune checkpoint records of the mechanism, compared on resume (`restore`)."""
+    m = run.mech
+    return dict(sigma=m.sigma, q=m.q, clip=m.clip, divisor=m.divisor, steps_planned=run.steps,
+                delta=run.cfg.dp.delta, epsilon_target=run.cfg.dp.epsilon, private_set=run.cfg.data.private,
+                n=run.n, n_source=run.n_source)
+
+
+def restore(run):
+    """Continue from <out>/finetune.pt. Refused unless it is a finetune checkpoint of this very mechanism and
+    private set, and the ledger on disk holds every step it records (the ledger may hold more: steps after
+    the last checkpoint count although their updates were lost)."""
+    state, stored = load_checkpoint(run.path)
+    if state.get("stage") != "finetune":
+        raise UserError(f"{run.path} holds stage {state.get('stage')!r}, not a DP fine-tuning checkpoint; "
+                        f"it cannot be resumed as one")
+    check_compatible(stored, run.cfg, "finetune", run.path)
+    mine, theirs = stored_privacy(run), state["privacy"]
+    diffs = [f"{k} {theirs.get(k)!r} (stored) vs {v!r} (now)" for k, v in mine.items() if theirs.get(k) != v]
+    if diffs:
+        raise UserError(f"{run.path} was trained with another mechanism or private set: {'; '.join(diffs)}; "
+                        f"resume with the same settings and data or choose another --out")
+    copy_in_ckpt, on_disk = state["privacy"]["ledger"], run.ledger.entries
+    if not os.path.exists(run.ledger.path):
+        raise UserError(f"{run.ledger.path} is missing but {run.path} records {len(copy_in_ckpt)} spent steps; "
+                        f"resuming would under-count the privacy spent. Restore the ledger or start a new run")
+    if len(on_disk) < len(copy_in_ckpt) or on_disk[:len(copy_in_ckpt)] != copy_in_ckpt:
+        raise UserError(f"{run.ledger.path} ({len(on_disk)} steps) disagrees with the copy in {run.path} "
+                        f"({len(copy_in_ckpt)} steps); the ledger cannot be trusted. Restore it or start a new run")
+    load_state_strict(run.task.unet, state["unet"], "UNet", run.path)
+    load_state_strict(run.ema, state["ema"], "EMA UNet", run.path)
+    run.opt.load_state_dict(state["optimizer"])
+
+
+def save(run, done, dist):
+    """The finetune checkpoint: model, EMA, optimiser, ledger copy and privacy report. No secret, ever."""
+    if dist.main:
+        report = privacy_report(run)
+        save_checkpoint(run.path, dict(
+            config=config_to_dict(run.cfg), stage="finetune", step=run.ledger.steps, done=done,
+            differentially_private=True, privacy_report=report, unet=run.task.unet.state_dict(),
+            ema=run.ema.state_dict(), optimizer=run.opt.state_dict(), autoencoder=run.ae.state_dict(),
+            privacy=dict(stored_privacy(run), epsilon=report["epsilon"], ledger=list(run.ledger.entries))))
+    barrier(dist)
+
+
+def announce(run, dist):
+    """One line with the plan; N is shown only when it is the data set's own size (treated as public)."""
+    if not dist.main:
+        return
+    d, task = run.cfg.dp, run.task
+    n_train, share = trainable_share(task.unet, task.params)
+    print(f"finetune: N={run.n} ({run.n_source}), q={run.mech.q:.6g}, T={run.steps} logical steps, C={d.clip:g}, "
+          f"sigma={run.mech.sigma:.4f} for ({d.epsilon:g}, {d.delta:g})-DP under {neighbouring_relation}; "
+          f"trainable {n_train:,} parameters ({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}', "
+          f"clipping by {task.method}, {dist.world} process(es)")
+
+
+def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, dist=Dist()):
+    """Stage 3. Returns the privacy report (a dict) when the run finishes."""
+    run = start_finetune(cfg, out, device, resume, dist)
+    announce(run, dist)
+    log.write(stage="finetune", event="plan", n_public=run.n, n_source=run.n_source, q=run.mech.q,
+              steps=run.steps, sigma=run.mech.sigma, clip=run.mech.clip)
+    d, task = cfg.dp, run.task
+    bar = tqdm(range(run.ledger.steps, run.steps), desc="finetune (DP)", initial=run.ledger.steps, total=run.steps,
                disable=not dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return None
-        idx = shared_poisson_sample(len(data), q, sample_gen, dist, device)
-        if dist.main:
-            ledger.record(step)  # durable before the update below is applied
-        seed = draw_seed(noise_gen) if dist.main else 0  # only rank 0 adds noise
-        grads = private_gradient(unet, diffusion, params, latents, labels, idx, loss_gen, d, sigma,
-                                 divisor=q * len(data), seed=seed, dist=dist)
-        apply_update(opt, list(params.values()), grads, lr_at(step, d.lr, d.warmup))
-        ema_update(ema, unet, d.dp_ema)
+        dp_step(task, run.mech, run.secret, step, run.opt, lr_at(step, d.lr, d.warmup), run.ledger, dist)
+        ema_update(run.ema, task.unet, d.dp_ema)
         done_steps = step + 1
-        if dist.main and (done_steps % cfg.run.log_every == 0 or done_steps == steps):
-            eps = ledger.epsilon(d.delta)
-            bar.set_postfix(eps=f"{eps.epsilon:.3f}", batch=len(idx))
+        if dist.main and (done_steps % cfg.run.log_every == 0 or done_steps == run.steps):
+            eps = run.ledger.epsilon(d.delta)  # from (sigma, q, steps) only: no private value
+            bar.set_postfix(eps=f"{eps.epsilon:.3f}")
             log.write(stage="finetune", step=done_steps, epsilon=eps.epsilon, accountant=eps.accountant,
-                      lr=opt.param_groups[0]["lr"])
+                      lr=run.opt.param_groups[0]["lr"])
         if done_steps % cfg.run.ckpt_every == 0:
-            save(done=False)
-    save(done=True)
-    check_frozen(unet, ema, pretrained, params)
+            save(run, False, dist)
+    return finish(run, log, write_samples, dist)
+
+
+def finish(run, log, write_samples, dist):
+    """Final checkpoint, the frozen-parameter check, the privacy report and the sample grid."""
+    save(run, True, dist)
+    check_frozen(run.task.unet, run.ema, run.pretrained, run.task.params)
     if not dist.main:
         return None
-    report = privacy_report(cfg, ledger, sigma, q, steps, len(data), n_train, share, method)
-    write_report(out, report, log)
-    grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples_finetune.png"), data.num_classes)
+    report = privacy_report(run)
+    write_report(run.out, report, log)
+    grid = write_samples(run.cfg, run.ae, run.ema.eval(), os.path.join(run.out, "samples_finetune.png"),
+                         num_classes(run.cfg.data))
     print(f"finetune: done, samples in {grid}")
     return report
-
-
-def restore(path, cfg, unet, ema, opt, loss_gen, sample_gen, noise_gen):
-    """Continue from <out>/finetune.pt; the ledger on disk (not the checkpoint) says how many steps were spent."""
-    state, stored = load_checkpoint(path)
-    check_compatible(stored, cfg, "finetune", path)
-    load_state_strict(unet, state["unet"], "UNet", path)
-    load_state_strict(ema, state["ema"], "EMA UNet", path)
-    opt.load_state_dict(state["optimizer"])
-    loss_gen.set_state(state["loss_generator"])
-    if state["secret_generators"]:
-        sample_gen.set_state(state["secret_generators"][0])
-        noise_gen.set_state(state["secret_generators"][1])
 
 
 def check_frozen(unet, ema, pretrained, params):
@@ -260,31 +275,3 @@ def check_frozen(unet, ema, pretrained, params):
         for name, value in model.state_dict().items():
             if name not in params and not torch.equal(value, pretrained[name]):
                 raise RuntimeError(f"frozen parameter {name} changed during DP fine-tuning")
-
-
-def privacy_report(cfg, ledger, sigma, q, planned, n, n_train, share, method):
-    d = cfg.dp
-    eps = ledger.epsilon(d.delta)
-    return dict(
-        epsilon=eps.epsilon, delta=d.delta, sigma=sigma, q=q, steps=ledger.steps, steps_planned=planned,
-        clip=d.clip, expected_batch=d.expected_batch, n_private=n, private_set=cfg.data.private,
-        accountant=("prv-accountant, upper estimate" if eps.accountant == "prv" else "RDP (PRV failed)"),
-        epsilon_rdp_crosscheck=eps.epsilon_rdp, accountant_warning=eps.warning,
-        neighbouring_relation=neighbouring_relation, sampling="Poisson, each example independently with rate q",
-        trainable_parameters=n_train, trainable_share=share, dp_blocks=d.dp_blocks, per_sample_clipping=method,
-        noise_source="operating system" if d.noise_seed is None else f"fixed seed {d.noise_seed} (experiments only)",
-        not_covered=list(NOT_COVERED))
-
-
-def write_report(out, report, log):
-    """privacy_report.json plus the same in words, printed and stored in the metrics log."""
-    atomic_write_json(os.path.join(out, "privacy_report.json"), report)
-    text = (f"Privacy: the fine-tuned model is ({report['epsilon']:.3f}, {report['delta']:g})-DP with respect to "
-            f"the {report['n_private']} examples of the private set '{report['private_set']}' under "
-            f"{report['neighbouring_relation']}, by {report['accountant']} (RDP cross-check "
-            f"{report['epsilon_rdp_crosscheck']:.3f}) of {report['steps']} steps of the Poisson-subsampled "
-            f"Gaussian mechanism with q={report['q']:.6g}, sigma={report['sigma']:.4f}, clipping C={report['clip']:g}, "
-            f"training {report['trainable_parameters']:,} parameters ({100 * report['trainable_share']:.1f}% of the "
-            f"UNet). Noise from the {report['noise_source']}. Not covered: {'; '.join(report['not_covered'])}.")
-    print(text)
-    log.write(stage="finetune", event="privacy_report", text=text, report=json.loads(json.dumps(report)))

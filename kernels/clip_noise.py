@@ -23,18 +23,20 @@ Guarantees (what a privacy reviewer can rely on)
   noise makes it the Gaussian mechanism with noise multiplier noise_std / max_norm. Dividing by
   `divisor` is post-processing; it must be data-independent (the expected batch size q*N of Poisson
   sampling, not the realised batch size). Sampling and accounting are the caller's job.
-- Not covered: the random number generators. Triton's `tl.randn` is Philox4x32-10 with a Box-Muller
-  transform; torch's generators are Philox (CUDA) or Mersenne Twister (CPU). None is cryptographically
-  secure: whoever knows the seed can regenerate and subtract the noise. The seed must come from the DP
-  step's secret generator (seeded from the OS), be fresh every step, and never be logged or stored in a
-  released artefact. Floating-point Gaussian samplers are known to leak in theory (Mironov 2012;
+- Non-finite gradients: an example whose norm is not finite (an inf or NaN anywhere in its gradient)
+  gets factor 0 and contributes exactly zero (never 0 x inf = NaN), in both backends.
+- Noise: both backends draw it with Philox4x32-10 and Box-Muller, Triton's `tl.randn(key, i)` in the
+  kernel and its plain-torch twin `kernels.philox.randn(key, i)` in the reference: the same key gives the
+  same noise, up to fp32 rounding of log/cos. Philox is not a cryptographic generator: whoever knows the
+  key can regenerate and subtract the noise. The key must be the step's stream key derived from the run's
+  256-bit OS secret (dp/randomness.py), fresh every step, and never logged or stored in a released
+  artefact. Floating-point Gaussian samplers are known to leak in theory (Mironov 2012;
   Jin et al. 2022): the samples are not exactly Gaussian (Triton's Box-Muller clamps its uniform at
   1e-7, so |noise| <= 5.68 noise_std per coordinate). Summing several draws mitigates this
   (Holohan and Braghin 2021); not done here.
 - Noise layout: coordinate i of the flattened concatenation of all parameters (in list order) gets
-  the draw for (seed, i): each parameter owns a distinct offset range, so no two coordinates share a
-  draw. Same seed -> same noise; different seeds -> independent noise. The two backends draw
-  different values for the same seed (Philox counters vs torch's generator); each is N(0, 1).
+  the draw for (key, i): each parameter owns a distinct counter range, so no two coordinates share a
+  draw. Same key -> same noise; different keys -> independent noise.
 - `return_norms=True` returns the per-sample norms: they are private data, for diagnostics and
   auditing only; nothing here logs them.
 """
@@ -49,6 +51,7 @@ import numbers
 
 import torch
 
+from kernels.philox import randn
 from ldm.errors import UserError
 
 try:  # the reference path needs no triton; only importing it here, no device is touched
@@ -61,7 +64,7 @@ except ImportError:
 EPS = 1e-6  # the clip factor is min(1, max_norm / (norm + EPS))
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_SEED = 2**63
+_MAX_SEED = 2**64  # noise keys are 64-bit Philox keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,8 +78,8 @@ def clip_and_noise(grads, max_norm, noise_std, divisor, seed, *, backend="auto",
     grads: a (B, P) tensor, or a list/tuple of (B, ...) tensors (one per parameter, as
         torch.func.vmap returns them); fp32, bf16 or fp16; all on one device. B may be 0.
     max_norm: clipping bound C > 0. noise_std: noise standard deviation (sigma * C) >= 0.
-    divisor: > 0, the expected batch size. seed: int in [0, 2**63), fresh from the step's secret
-        generator (see the module docstring for what the generators guarantee).
+    divisor: > 0, the expected batch size. seed: the 64-bit Philox key of the step's noise, an int in
+        [0, 2**64) derived from the run's secret (see the module docstring for what it guarantees).
     backend: "auto" (Triton kernel for CUDA tensors, reference otherwise), "triton" (the kernel; on
         CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1) or "torch" (the reference).
     Returns fp32: a (P,) tensor for a tensor input, a list of g.shape[1:] tensors for a list
@@ -96,9 +99,9 @@ def clip_and_noise(grads, max_norm, noise_std, divisor, seed, *, backend="auto",
 def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, return_norms=False):
     """Plain-torch definition of `clip_and_noise` (same arguments, same result up to the noise draw).
 
-    Noise: torch.randn over all P coordinates from a torch.Generator on the tensors' device seeded
-    with `seed`, coordinate i of the flattened concatenation getting draw i. bf16/fp16 tensors are
-    converted to fp32 one parameter at a time for the scaled sum (a temporary of that size).
+    Noise: `kernels.philox.randn(seed, i)` for coordinate i of the flattened concatenation, as the kernel
+    draws it. bf16/fp16 tensors are converted to fp32 one parameter at a time for the scaled sum (a
+    temporary of that size). Examples with a non-finite norm are left out of the sum (factor 0).
     """
     seed = _checked_scalars(max_norm, noise_std, divisor, seed)
     tensors, single = _as_list(grads)
@@ -108,13 +111,14 @@ def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, retur
     for f in flat:
         sq += torch.linalg.vector_norm(f, dim=1, dtype=torch.float32).square()
     norms = sq.sqrt()  # (B,)
-    factor = (max_norm / (norms + EPS)).clamp(max=1.0)  # (B,)
+    factor = clip_factors(norms, max_norm)  # (B,)
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):  # 0 x inf would be NaN: leave those examples out of the sum altogether
+        flat, factor = [f[finite] for f in flat], factor[finite]
     n_cols = sum(f.shape[1] for f in flat)
     noise = torch.zeros(n_cols, device=device)  # noise_std = 0 (a micro-batch's share): no draw needed
     if noise_std > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        noise = torch.randn(n_cols, generator=gen, device=device, dtype=torch.float32)
+        noise = randn(seed, torch.arange(n_cols, device=device))
     outs, offset = [], 0
     for f, g in zip(flat, tensors):
         n = f.shape[1]
@@ -123,6 +127,22 @@ def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, retur
         offset += n
     result = outs[0] if single else outs
     return (result, norms) if return_norms else result
+
+
+def clip_factors(norms, max_norm):
+    """min(1, C / (norm + EPS)) per example, and exactly 0 where the norm is not finite: (B,) fp32."""
+    factor = (max_norm / (norms + EPS)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factor, torch.zeros_like(factor))
+
+
+def gaussian_noise(shapes, noise_std, seed, *, backend="auto", device="cpu"):
+    """N(0, noise_std^2) for every coordinate of tensors of `shapes`: a list of fp32 tensors.
+
+    The mechanism's noise, coordinate i of the flattened concatenation drawn from Philox at (seed, i), by
+    the kernel or the reference: `clip_and_noise` of zero examples.
+    """
+    empty = [torch.zeros((0, *s), dtype=torch.float32, device=device) for s in shapes]
+    return clip_and_noise(empty, 1.0, noise_std, 1.0, seed, backend=backend)
 
 
 def triton_mode() -> str:
@@ -155,7 +175,7 @@ def _checked_scalars(max_norm, noise_std, divisor, seed):
             bound = "> 0" if strict else ">= 0"
             raise UserError(f"{name} must be a finite number {bound}; got {value!r}. Fix the DP configuration.")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63) drawn from the step's secret generator; got {seed!r}")
+        raise ValueError(f"seed must be an int in [0, 2**64), the step's noise key (dp/randomness.py); got {seed!r}")
     return int(seed)
 
 
@@ -287,7 +307,8 @@ def _clip_sum_noise_kernel(
             x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
         else:
             x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32) * f[:, None], axis=0)
+        # factor 0 (a non-finite example): exactly zero, never 0 x inf
+        acc += tl.sum(tl.where(f[:, None] > 0, x.to(tl.float32) * f[:, None], 0.0), axis=0)
     out_cols = out_offset + cols  # global coordinate: the noise counter
     if FINAL:
         acc = (acc + noise_std * tl.randn(seed, out_cols)) / divisor
@@ -466,7 +487,7 @@ def _clip_and_noise_triton(grads, max_norm, noise_std, divisor, seed, *, return_
     offsets = [0, *itertools.accumulate(numels)][:-1]  # each parameter's range of noise counters
     groups = _groups(tensors, numels, offsets, config.block)
     norms = _squared_norms(groups, n_rows, device, config).sqrt()  # (B,)
-    factor = (max_norm / (norms + EPS)).clamp(max=1.0)  # (B,)
+    factor = clip_factors(norms, max_norm)  # (B,)
     out = _noisy_clipped_sum(groups, factor, sum(numels), seed, float(noise_std), float(divisor), config)
     outs = [out[o:o + n].view(g.shape[1:]) for o, n, g in zip(offsets, numels, tensors)]
     result = outs[0] if single else outs

@@ -86,6 +86,7 @@ class DPConfig:
     noise_seed: typing.Optional[int] = None  # None: sampling and noise seeded from the OS (use for release)
     clip_backend: str = "auto"  # auto, triton or torch
     grad_method: str = "auto"  # auto, bookkeeping or vmap: how clipped per-sample gradients are summed (dp/)
+    private_size: typing.Optional[int] = None  # public N for q and T; None: the private set's size, treated as public
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def config_to_dict(cfg):
 
 # Fields added after checkpoints were first written, with the value that reproduces what older code did.
 # Only fields that change neither the model nor the privacy guarantee belong here.
-ADDED_FIELDS = {"dp": {"grad_method": "vmap"}}
+ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None}}
 
 
 def config_from_dict(d):
@@ -263,6 +264,8 @@ def validate(cfg):
         value = getattr(getattr(cfg, FIELD_OWNER[name]), name)
         if not 0.0 <= value < 1.0:
             raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
+    if cfg.dp.private_size is not None and not (isinstance(cfg.dp.private_size, int) and cfg.dp.private_size >= 1):
+        raise UserError(f"--private-size must be a whole number >= 1 (a public bound on N), got {cfg.dp.private_size!r}")
     if cfg.dp.physical_batch > 100000:
         raise UserError(f"--physical-batch {cfg.dp.physical_batch} is unreasonably large")
 
@@ -286,7 +289,7 @@ def add_config_flags(parser):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
             elif isinstance(default, tuple):
                 group.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,...")
-            elif f.name == "noise_seed":
+            elif f.name in ("noise_seed", "private_size"):
                 group.add_argument(flag, type=int, default=None)
             else:
                 group.add_argument(flag, type=type(default), default=None)

@@ -1,13 +1,18 @@
 """Turning a trained latent diffusion model into images: DDIM in latent space, then the frozen decoder."""
 
+import json
 import math
 import os
 
 import torch
-from torchvision.utils import save_image
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ldm.checkpoint import atomic_write_bytes
+
+METADATA_KEY = "metadata"  # the PNG text chunk (and the .npz entry sample.py writes) holding provenance JSON
 
 
 @torch.no_grad()
@@ -26,11 +31,18 @@ def generate(ae, unet, diffusion, labels, latent_shape, steps, eta, generator, b
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
-def save_grid(images, path):
-    """uint8 (N, C, H, W) -> a PNG grid, written atomically."""
-    nrow = max(1, int(math.ceil(math.sqrt(len(images)))))
+def save_grid(images, path, metadata=None):
+    """uint8 (N, C, H, W) -> a PNG grid (one channel is repeated to RGB), written atomically.
 
-    def write(f):
-        save_image(images.float() / 255.0, f, nrow=nrow, padding=2, format="png")
-    atomic_write_bytes(path, write)
+    `metadata`, a dict of plain JSON values, is stored as one JSON object in the iTXt chunk `metadata`
+    (read it back with `json.loads(PIL.Image.open(path).text["metadata"])`). Returns the absolute path.
+    """
+    nrow = max(1, int(math.ceil(math.sqrt(len(images)))))
+    grid = make_grid(images, nrow=nrow, padding=2)  # (3, H', W') uint8, the same pixels as torchvision's save_image
+    info = None
+    if metadata is not None:
+        info = PngInfo()
+        info.add_itxt(METADATA_KEY, json.dumps(metadata))
+    picture = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    atomic_write_bytes(path, lambda f: picture.save(f, format="png", pnginfo=info))
     return os.path.abspath(path)
