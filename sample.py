@@ -174,7 +174,7 @@ def run(argv=None):
         x = images.permute(0, 2, 3, 1).numpy()
         x = x[..., 0] if x.shape[-1] == 1 else x
         arrays = {"x": x, "y": labels.numpy().astype(np.int64), METADATA_KEY: np.array(json.dumps(meta))}
-        np.savez(open(args.out, "wb"), **arrays)
+        atomic_write_bytes(args.out, lambda f: np.savez(f, **arrays))
     atomic_write_json(card, meta)
     print(f"wrote {len(images)} samples to {args.out} and its card {card} ({steps} DDIM steps, "
           f"eta {eta}, seed {args.seed}); differentially private: {meta['differentially_private']}")

@@ -8,8 +8,11 @@ noise multiplier sigma; `steps` steps are its adaptive composition.
 Two accountants are implemented:
 
 - `epsilon_prv`: the numerical PRV accountant of Gopi, Lee, Wutschitz 2021 ("Numerical
-  Composition of Differential Privacy"), through the `prv-accountant` package. Its *upper*
-  value is reported. This is the epsilon the project reports.
+  Composition of Differential Privacy"), on prv-accountant 0.2.0, for BOTH directions of the
+  add/remove relation: `epsilon_prv_remove` composes the pair ((1 - q) N(0, s^2) + q N(1, s^2),
+  N(0, s^2)) with the package's own PRV; `epsilon_prv_add` composes the swapped pair with this
+  module's `SubsampledGaussianAddPRV` on the same grid. The larger *upper* value is reported.
+  This is the epsilon the project reports.
 - `epsilon_rdp`: this module's own Renyi-DP bound of the SGM (Mironov, Talwar, Zhang 2019),
   composed over steps and converted to (epsilon, delta) with Balle et al. 2020, Theorem 21.
   Looser than PRV, always computed as an independent cross-check, and the fallback when the
@@ -19,9 +22,11 @@ Guarantees
     For the neighbouring relation "add or remove one private example" and Poisson sampling
     with rate q, a run of `steps` DP-SGD steps with noise multiplier sigma is
     (compute_epsilon(...).epsilon, delta)-DP with respect to the private data set. The PRV
-    upper value bounds epsilon up to prv-accountant's discretisation error, which it adds on
-    (eps_error) before returning. The RDP value is a rigorous bound for both directions of the
-    add/remove relation (Mironov et al. 2019 show the "remove" direction dominates).
+    value is max(remove, add): each direction's upper value bounds its epsilon up to
+    prv-accountant's discretisation error, which it adds on (eps_error) before returning, and
+    `EpsilonResult` keeps both (epsilon_remove, epsilon_add). The RDP value is a rigorous bound
+    for both directions (Mironov et al. 2019: the remove direction's Renyi divergence is the
+    larger one, B_alpha <= A_alpha, so one bound covers both).
 Not covered
     Replace-one neighbours (roughly double epsilon); fixed-size or shuffled batches (the
     accounting assumes Poisson sampling, with empty batches kept, not resampled); public
@@ -42,7 +47,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 from prv_accountant import PRVAccountant
-from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
+from prv_accountant.accountant import compute_safe_domain_size
+from prv_accountant.composers import Fourier
+from prv_accountant.discretisers import CellCentred
+from prv_accountant.domain import Domain
+from prv_accountant.privacy_random_variables import (PoissonSubsampledGaussianMechanism, PrivacyRandomVariable,
+                                                     PrivacyRandomVariableTruncated)
+from scipy import integrate, special
 
 from ldm.errors import UserError
 
@@ -276,11 +287,11 @@ def epsilon_rdp(sigma: float, q: float, steps: int, delta: float,
     return _rdp_to_epsilon(rdp, orders, delta)
 
 
-# ---- PRV accountant (Gopi, Lee, Wutschitz 2021) through prv-accountant ---------------------
+# ---- PRV accountant (Gopi, Lee, Wutschitz 2021) through prv-accountant 0.2.0 ---------------
 
 
 def _prv_grid_points(sigma: float, q: float, steps: int, delta: float) -> float:
-    """Number of grid points prv-accountant 0.2.0 allocates for this mechanism.
+    """Number of grid points prv-accountant 0.2.0 allocates for this mechanism (either direction).
 
     Domain [-L, L] with L = 3 + max(RDP epsilon of the composition at delta_error / 4, RDP
     epsilon of one step at delta_error / (8 steps), eps_error) (Gopi et al. 2021, Remark 5.6),
@@ -293,17 +304,19 @@ def _prv_grid_points(sigma: float, q: float, steps: int, delta: float) -> float:
     return 2 * domain / mesh
 
 
-@functools.lru_cache(maxsize=256)
-def _prv_upper(sigma: float, q: float, steps: int, delta: float) -> float:
-    """prv-accountant's upper epsilon; memoised because calibration re-evaluates points.
-
-    Refuses (MemoryError) grids above PRV_MAX_GRID_POINTS: at large epsilon the grid grows
-    without bound (about 350 bytes per point), and `compute_epsilon` then falls back to RDP.
-    """
+def _refuse_large_grid(sigma: float, q: float, steps: int, delta: float) -> None:
+    """MemoryError above PRV_MAX_GRID_POINTS: at large epsilon the grid grows without bound (about
+    350 bytes per point), and `compute_epsilon` then falls back to RDP."""
     points = _prv_grid_points(sigma, q, steps, delta)
     if points > PRV_MAX_GRID_POINTS:
         raise MemoryError(f"the PRV grid would need {points:.3g} points (limit {PRV_MAX_GRID_POINTS:.3g}); "
                           "epsilon is too large for the PRV accountant here")
+
+
+@functools.lru_cache(maxsize=256)
+def _prv_upper_remove(sigma: float, q: float, steps: int, delta: float) -> float:
+    """prv-accountant's upper epsilon of the remove pair; memoised because calibration re-evaluates points."""
+    _refuse_large_grid(sigma, q, steps, delta)
     mechanism = PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
     # prv-accountant's CDF overflows exp(t) far in the tail, where the CDF correctly becomes 1.
     with np.errstate(over="ignore"):
@@ -313,31 +326,164 @@ def _prv_upper(sigma: float, q: float, steps: int, delta: float) -> float:
     return float(upper)
 
 
-def epsilon_prv(sigma: float, q: float, steps: int, delta: float) -> float:
-    """(eps, delta) of `steps` SGM steps by the PRV accountant: the UPPER value.
+class SubsampledGaussianAddPRV(PrivacyRandomVariable):
+    """Privacy loss random variable of one SGM step in the "add" direction, for prv-accountant 0.2.0.
 
-    Gopi, Lee, Wutschitz 2021: the privacy loss random variable (PRV) of one step is
-    discretised on a grid, self-composed by FFT, and eps(delta) read off; Theorem 5.5 there
-    bounds the error, and prv-accountant returns (lower, estimate, upper) with
-    upper = estimate(delta - delta_error) + eps_error. Only `upper` is returned here.
-
-    Guarantees: an upper bound on epsilon for Poisson sampling with rate q and the SGM pair
-    ((1 - q) N(0, s^2) + q N(1, s^2), N(0, s^2)), up to the validity of prv-accountant's
-    error analysis. This is the "remove" direction of add/remove; prv-accountant does not
-    compose the reverse ("add") pair, which gave smaller epsilon whenever it was checked.
-    Not covered: replace-one neighbours. May raise (e.g. "Discrete mean differs ... from
-    continuous mean", or the grid-size refusal of `_prv_upper`) at large epsilon;
-    `compute_epsilon` then falls back to `epsilon_rdp`.
+    The pair is P = N(0, s^2) (data set without the example) against Q = (1 - q) N(0, s^2)
+    + q N(1, s^2) (with it): `PoissonSubsampledGaussianMechanism`'s "remove" pair swapped. The
+    add/remove relation needs both (Zhu, Dong, Wang 2022, "Optimal Accounting of Differential
+    Privacy via Characteristic Function": under Poisson subsampling each direction has its own
+    dominating pair). The PRV (Gopi et al. 2021, Section 3) is Y = log(P(x) / Q(x)), x ~ P:
+        Y(x) = -log(1 - q + q exp((2x - 1) / (2 s^2))),  decreasing in x, Y < c = -log(1 - q).
+    For t < c, Y <= t iff x >= x(t) = s^2 z(t) + 1/2, with
+        z(t) = log((e^-t - (1 - q)) / q) = log(-expm1(t - c)) - t - log q,
+    so, with Phi the standard normal CDF and w(t) = x(t) / s = s z(t) + 1 / (2 s),
+        F(t) = P[Y <= t] = Phi(-w(t)),   1 - F(t) = Phi(w(t)),   and F(t) = 1 for t >= c.
+    The expm1 form of z has no cancellation as t -> c and no overflow as t -> -inf; masses are
+    differences of lower tails below the median and of upper tails above it (`probability`).
+    q = 1 gives c = inf and Y ~ N(1/(2 s^2), 1/s^2), the Gaussian mechanism, as it should.
     """
+
+    def __init__(self, sampling_probability: float, noise_multiplier: float) -> None:
+        if not (0 < sampling_probability <= 1 and noise_multiplier > 0):
+            raise UserError(f"q = {sampling_probability!r}, sigma = {noise_multiplier!r}: the add-direction PRV "
+                            "needs 0 < q <= 1 and sigma > 0.")
+        self.q, self.sigma = float(sampling_probability), float(noise_multiplier)
+        self.log_q = math.log(self.q)
+        self.loss_max = -math.log1p(-self.q) if self.q < 1 else math.inf  # c
+
+    def _w(self, t) -> np.ndarray:
+        """w(t) = x(t) / s, so that F(t) = Phi(-w(t)); -inf where t >= c.  t: any shape."""
+        t = np.asarray(t, dtype=np.float64)
+        below = t < self.loss_max
+        gap = np.where(below, t - self.loss_max, -1.0)  # t - c < 0: -expm1 keeps its relative precision
+        z = np.log(-np.expm1(gap)) - t - self.log_q
+        return np.where(below, self.sigma * z + 0.5 / self.sigma, -np.inf)
+
+    def cdf(self, t) -> np.ndarray:
+        """F(t) = P[Y <= t] = Phi(-w(t)), 1 for t >= c.  t: any shape."""
+        return special.ndtr(-self._w(t))
+
+    def probability(self, a, b) -> np.ndarray:
+        """P[a < Y <= b] elementwise, in long double like prv-accountant's own PRV (same FFT precision).
+
+        Where a is above the median (w(a) < 0) it is Phi(w(a)) - Phi(w(b)), upper tails, so the
+        masses near c keep their relative precision instead of cancelling in F(b) - F(a).
+        """
+        w_a, w_b = self._w(a), self._w(b)
+        upper = special.ndtr(w_a) - special.ndtr(w_b)
+        lower = special.ndtr(-w_b) - special.ndtr(-w_a)
+        return np.where(w_a < 0, upper, lower).astype(np.longdouble)
+
+    def loss(self, x) -> np.ndarray:
+        """Y(x) = -log(1 - q + q exp((2x - 1) / (2 s^2))), in log space.  x: any shape."""
+        return -np.logaddexp(-self.loss_max, self.log_q + (2 * np.asarray(x) - 1) / (2 * self.sigma**2))
+
+    def truncated_mean(self, t_min: float, t_max: float) -> float:
+        """E[Y | t_min <= Y <= t_max], integrated over x ~ N(0, s^2), where Y(x) is smooth.
+
+        prv-accountant 0.2.0 integrates 1 - F over t between fixed break points instead; F has a
+        kink at c, and that quadrature can step over [break point, c] (at sigma 0.6, q 0.01 it
+        missed 1.7e-7). Here that lowers the mean, which shifts the composed loss down by `steps`
+        times the error: an under-estimate of epsilon. (In the remove direction the kink at
+        log(1 - q) errs the safe way.) N(0, s^2) has mass e^-800 beyond 40 s, dropped here.
+        """
+        s = self.sigma
+        x_lo = max(s * float(self._w(t_max)), -40 * s)  # Y <= t_max iff x >= x(t_max)
+        x_hi = min(s * float(self._w(t_min)), 40 * s + 1)
+        crossover = s**2 * (math.log1p(-self.q) - self.log_q) + 0.5 if self.q < 1 else 0.0
+
+        def integrand(x: float) -> float:
+            return float(self.loss(x)) * math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+
+        points = [p for p in (-s, 0.0, s, crossover) if x_lo < p < x_hi]
+        integral, _abs_error = integrate.quad(integrand, x_lo, x_hi, points=points or None, limit=500,
+                                              epsabs=1e-15, epsrel=1e-12)
+        return integral / float(self.probability(t_min, t_max))
+
+
+class _TruncatedAddPRV(PrivacyRandomVariableTruncated):
+    """prv-accountant's truncation of a PRV to the grid, with the mean from `truncated_mean`."""
+
+    def mean(self) -> float:
+        return self.prv.truncated_mean(self.t_min, self.t_max)
+
+
+def _add_direction_composition(sigma: float, q: float, steps: int, delta: float):
+    """The add-direction PRV composed `steps` times: a prv-accountant DiscretePrivacyRandomVariable.
+
+    Builds what PRVAccountant 0.2.0 builds (aligned domain, cell-centred discretisation with the
+    mean correction, Fourier self-composition), on the remove direction's grid: the same
+    half-width L (from the remove pair's RDP) and mesh. That grid is safe here too: the add RDP
+    is at most the remove RDP (Mironov, Talwar, Zhang 2019, Section 3: B_alpha <= A_alpha), which
+    bounds the upper tail, and the lower tail is P_P[sum Y <= -L] = E_Q[e^(sum Y); sum Y <= -L]
+    <= e^-L P[remove loss >= L], e^-L times the remove direction's upper tail.
+    """
+    delta_error = delta * PRV_DELTA_ERROR_FRACTION
+    remove = PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
+    half_width = compute_safe_domain_size([remove], [steps], eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+    mesh = PRV_EPS_ERROR / math.sqrt(steps / 2 * math.log(12 / delta_error))  # Gopi et al. Theorem 5.5
+    domain = Domain.create_aligned(-half_width, half_width, mesh)
+    truncated = _TruncatedAddPRV(SubsampledGaussianAddPRV(q, sigma), domain.t_min(), domain.t_max())
+    discrete = CellCentred().discretise(truncated, domain)
+    return Fourier([discrete]).compute_composition([steps])
+
+
+@functools.lru_cache(maxsize=256)
+def _prv_upper_add(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Upper epsilon of the add pair, as PRVAccountant.compute_epsilon reads it; memoised."""
+    _refuse_large_grid(sigma, q, steps, delta)
+    composed = _add_direction_composition(sigma, q, steps, delta)
+    _lower, _estimate, upper = composed.compute_epsilon(delta, delta * PRV_DELTA_ERROR_FRACTION, PRV_EPS_ERROR)
+    return float(upper)
+
+
+def _trivial_epsilon(sigma: float, q: float, steps: int, delta: float) -> Optional[float]:
+    """Validate; return the epsilon of a trivial mechanism (no steps or q = 0: 0; no noise: inf), else None."""
     _validate_mechanism(sigma, q, steps, delta)
     if steps == 0 or q == 0:
         return 0.0
-    if sigma == 0:
-        return math.inf
-    return max(_prv_upper(float(sigma), float(q), int(steps), float(delta)), 0.0)
+    return math.inf if sigma == 0 else None
 
 
-# ---- The reported epsilon: PRV upper, RDP fallback, RDP cross-check ------------------------
+def epsilon_prv_remove(sigma: float, q: float, steps: int, delta: float) -> float:
+    """PRV upper epsilon of `steps` SGM steps for the REMOVE pair ((1 - q) N(0, s^2) + q N(1, s^2), N(0, s^2)).
+
+    Gopi, Lee, Wutschitz 2021: the PRV of one step is discretised on a grid, self-composed by
+    FFT, and eps(delta) read off; Theorem 5.5 there bounds the error, and prv-accountant returns
+    (lower, estimate, upper) with upper = estimate(delta - delta_error) + eps_error. Only `upper`
+    is returned. May raise at large epsilon ("Discrete mean differs ... from continuous mean", or
+    the grid-size refusal); `compute_epsilon` then falls back to `epsilon_rdp`.
+    """
+    trivial = _trivial_epsilon(sigma, q, steps, delta)
+    if trivial is not None:
+        return trivial
+    return max(_prv_upper_remove(float(sigma), float(q), int(steps), float(delta)), 0.0)
+
+
+def epsilon_prv_add(sigma: float, q: float, steps: int, delta: float) -> float:
+    """PRV upper epsilon of `steps` SGM steps for the ADD pair (N(0, s^2), (1 - q) N(0, s^2) + q N(1, s^2)).
+
+    `SubsampledGaussianAddPRV` composed on prv-accountant's grid by `_add_direction_composition`,
+    with the same error terms (eps_error, delta_error) as `epsilon_prv_remove`. Raises likewise.
+    """
+    trivial = _trivial_epsilon(sigma, q, steps, delta)
+    if trivial is not None:
+        return trivial
+    return max(_prv_upper_add(float(sigma), float(q), int(steps), float(delta)), 0.0)
+
+
+def epsilon_prv(sigma: float, q: float, steps: int, delta: float) -> float:
+    """(eps, delta) of `steps` SGM steps by the PRV accountant: max(epsilon_prv_remove, epsilon_prv_add).
+
+    Guarantees: an upper bound on epsilon for add/remove-one neighbours under Poisson sampling
+    with rate q, both directions composed, up to the validity of prv-accountant's error analysis.
+    Not covered: replace-one neighbours.
+    """
+    return max(epsilon_prv_remove(sigma, q, steps, delta), epsilon_prv_add(sigma, q, steps, delta))
+
+
+# ---- The reported epsilon: PRV upper (max of both directions), RDP fallback and cross-check -
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,47 +492,69 @@ class EpsilonResult:
 
     epsilon: the reported bound (`epsilon_prv` when it succeeded, else `epsilon_rdp`).
     accountant: "prv" or "rdp", whichever produced `epsilon`.
-    epsilon_prv: the PRV upper value, or None when prv-accountant failed.
-    epsilon_rdp: the RDP bound, always computed as a cross-check (>= the PRV value in practice).
+    epsilon_prv: max(epsilon_remove, epsilon_add), or None when prv-accountant failed.
+    epsilon_remove: the PRV upper value of the remove pair (`epsilon_prv_remove`), or None.
+    epsilon_add: the PRV upper value of the add pair (`epsilon_prv_add`), or None.
+    epsilon_rdp: the RDP bound, valid for both directions, always computed as a cross-check
+        (>= the PRV value in practice).
     warning: why the fallback was used, or None.
     """
 
     epsilon: float
     accountant: str
     epsilon_prv: Optional[float]
+    epsilon_remove: Optional[float]
+    epsilon_add: Optional[float]
     epsilon_rdp: float
     warning: Optional[str]
 
 
-def _accounted_epsilon(sigma: float, q: float, steps: int, delta: float):
-    """(epsilon, accountant, warning) under the reporting rule: PRV upper, else RDP."""
+def _prv_directions(sigma: float, q: float, steps: int, delta: float, stop_above: float = math.inf):
+    """(epsilon_remove, epsilon_add, None) from the PRV accountant, or (None, None, warning) if it fails.
+
+    epsilon_add is skipped (None) when epsilon_remove > stop_above: the max is above it anyway.
+    """
     try:
-        return epsilon_prv(sigma, q, steps, delta), "prv", None
+        remove = epsilon_prv_remove(sigma, q, steps, delta)
+        return remove, None if remove > stop_above else epsilon_prv_add(sigma, q, steps, delta), None
     except UserError:
         raise
     except Exception as error:  # prv-accountant can fail numerically at large epsilon
-        warning = (f"prv-accountant failed ({type(error).__name__}: {error}); reporting the looser "
-                   f"RDP bound instead (sigma={sigma}, q={q}, steps={steps}, delta={delta}).")
-        return epsilon_rdp(sigma, q, steps, delta), "rdp", warning
+        return None, None, (f"prv-accountant failed ({type(error).__name__}: {error}); reporting the looser "
+                            f"RDP bound instead (sigma={sigma}, q={q}, steps={steps}, delta={delta}).")
+
+
+def _accounted_epsilon(sigma: float, q: float, steps: int, delta: float, stop_above: float = math.inf) -> float:
+    """The reporting rule: the larger PRV direction, else (PRV failed) the RDP bound.
+
+    Calibration passes its target as stop_above: a remove epsilon above it settles the side of
+    the target (the max is larger still), so the add direction is not computed there.
+    """
+    remove, add, _warning = _prv_directions(sigma, q, steps, delta, stop_above)
+    if remove is None:
+        return epsilon_rdp(sigma, q, steps, delta)
+    return remove if add is None else max(remove, add)
 
 
 def compute_epsilon(sigma: float, q: float, steps: int, delta: float) -> EpsilonResult:
     """Epsilon of `steps` DP-SGD steps, as the project reports it.
 
-    Tries `epsilon_prv`; if prv-accountant raises anything, falls back to `epsilon_rdp`,
-    records why in `warning` and emits a `warnings.warn`. The RDP value is always computed.
+    Computes both PRV directions and reports the larger; if prv-accountant raises anything in
+    either, falls back to `epsilon_rdp`, records why in `warning` and emits a `warnings.warn`.
+    The RDP value is always computed.
 
     Guarantees: the run is (epsilon, delta)-DP for add/remove-one neighbours of the private
     set under Poisson sampling with rate q (see the module docstring for what is not covered).
     """
     validate_privacy_params(delta=delta, q=q, steps=steps, sigma=sigma)
-    eps, accountant, warning = _accounted_epsilon(sigma, q, steps, delta)
+    remove, add, warning = _prv_directions(sigma, q, steps, delta)
     if warning is not None:
         warnings.warn(warning, RuntimeWarning, stacklevel=2)
-    eps_rdp = eps if accountant == "rdp" else epsilon_rdp(sigma, q, steps, delta)
-    return EpsilonResult(epsilon=eps, accountant=accountant,
-                         epsilon_prv=eps if accountant == "prv" else None,
-                         epsilon_rdp=eps_rdp, warning=warning)
+    eps_rdp = epsilon_rdp(sigma, q, steps, delta)
+    eps_prv = None if remove is None else max(remove, add)
+    return EpsilonResult(epsilon=eps_rdp if eps_prv is None else eps_prv,
+                         accountant="rdp" if eps_prv is None else "prv", epsilon_prv=eps_prv,
+                         epsilon_remove=remove, epsilon_add=add, epsilon_rdp=eps_rdp, warning=warning)
 
 
 # ---- Noise calibration ---------------------------------------------------------------------
@@ -448,7 +616,7 @@ def _feasible_upper_end(target: float, q: float, steps: int, delta: float, sigma
     """
     lo, points = 0.0, {}
     while True:
-        points[sigma] = _accounted_epsilon(sigma, q, steps, delta)[0]
+        points[sigma] = _accounted_epsilon(sigma, q, steps, delta, stop_above=target)
         if points[sigma] <= target:
             return lo, sigma, points
         if sigma >= SIGMA_MAX:
@@ -462,8 +630,9 @@ def calibrate_sigma(target_epsilon: float, q: float, steps: int, delta: float,
                     tol: float = 0.005) -> float:
     """Smallest noise multiplier whose accounted epsilon is <= target_epsilon, to within tol.
 
-    "Accounted" is the `compute_epsilon` rule: PRV upper value, RDP when prv-accountant fails.
-    Search: the RDP-calibrated sigma (cheap; RDP >= PRV) starts the feasible upper end hi.
+    "Accounted" is the `compute_epsilon` rule: the larger of the PRV upper values of the two
+    directions, RDP when prv-accountant fails (a probe whose remove epsilon exceeds the target is
+    infeasible whatever the add direction gives, which is then not computed). Search: the RDP-calibrated sigma (cheap; RDP >= PRV) starts the feasible upper end hi.
     Each round proposes a secant guess (`_next_guess`); far from the evaluated points it is
     probed once, near them it is straddled by probes at guess +/- 0.45 tol. After
     _SECANT_ROUNDS rounds the guess is the bracket midpoint (plain bisection), so the loop
@@ -492,7 +661,7 @@ def calibrate_sigma(target_epsilon: float, q: float, steps: int, delta: float,
         near = min(abs(guess - s) for s in points) < 4 * tol
         for probe in (guess + 0.45 * tol, guess - 0.45 * tol) if near else (guess,):
             if lo < probe < hi:
-                points[probe] = _accounted_epsilon(probe, q, steps, delta)[0]
+                points[probe] = _accounted_epsilon(probe, q, steps, delta, stop_above=target_epsilon)
                 lo, hi = (lo, probe) if points[probe] <= target_epsilon else (probe, hi)
     raise ArithmeticError(f"sigma calibration did not converge: bracket [{lo}, {hi}], tol {tol}")
 
@@ -536,8 +705,10 @@ def _report(args: argparse.Namespace) -> dict:
 def _human_line(report: dict) -> str:
     setting = (f"q = {report['q']:g}, {report['steps']} steps, delta = {report['delta']:g}, "
                f"Poisson sampling, {neighbouring_relation} neighbours")
-    privacy = (f"epsilon = {report['epsilon']:.4f} ({report['accountant']} accountant; "
-               f"RDP cross-check {report['epsilon_rdp']:.4f})")
+    how = f"{report['accountant']} accountant"
+    if report["accountant"] == "prv":
+        how += f", max of remove {report['epsilon_remove']:.4f} and add {report['epsilon_add']:.4f}"
+    privacy = f"epsilon = {report['epsilon']:.4f} ({how}; RDP cross-check {report['epsilon_rdp']:.4f})"
     if report["mode"] == "calibrate":
         return f"sigma = {report['sigma']:.4f} gives {privacy} <= target {report['target_epsilon']:g}; {setting}"
     return f"{privacy} for sigma = {report['sigma']:g}; {setting}"

@@ -6,9 +6,9 @@
 Four ways to take one optimiser step on the parameters `select_parameters(unet, cfg.dp.dp_blocks)` of the
 preset's UNet, for one batch of B random latents, labels, timesteps and noise draws:
   (a) non-private: forward and backward of the mean diffusion loss, one optimiser step;
-  (b) ours, the default: `dp.finetune.private_gradient` with --grad-method bookkeeping (per physical micro-batch,
-      one forward and backward, per-sample norms without storing per-sample gradients, the clipped sum as one
-      matrix product per layer; dp/bookkeeping.py), add N(0, (sigma C)^2), divide by B + `dp.step.apply_update`;
+  (b) ours, the default: training's own `dp.step.dp_step` with q = 1 and --grad-method bookkeeping (per physical
+      micro-batch, one forward and backward, per-sample norms without storing per-sample gradients, the clipped
+      sum as one matrix product per layer; dp/bookkeeping.py), add N(0, (sigma C)^2), divide by B, update;
   (v) ours with --grad-method vmap: torch.func per-sample gradients materialised per micro-batch, clipped to C
       jointly and summed by kernels/clip_noise.py, then the same noise, divisor and update;
   (c) opacus: the same UNet in `opacus.GradSampleModule` (hooks materialise per-sample gradients) and
@@ -24,8 +24,8 @@ so half the examples are clipped) must agree; it also checks our per-sample grad
 implementation. Our unclipped per-sample sum is compared with autograd's batch gradient as well.
 
 The weights are random (a benchmark needs no trained model); zero-initialised weights (proj_out, conv2, conv_out)
-are redrawn from N(0, 0.02^2) so that every selected tensor gets a non-zero gradient. Noise here comes from fixed
-seeds: a benchmark, not a training run. Numbers depend on the machine and its load; run it more than once.
+are redrawn from N(0, 0.02^2) so that every selected tensor gets a non-zero gradient. Noise here comes from a fixed
+seed: a benchmark, not a training run. Numbers depend on the machine and its load; run it more than once.
 """
 
 import argparse
@@ -45,14 +45,13 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from dp.finetune import private_gradient
 from dp.per_sample import per_sample_grads
-from dp.select import select_parameters, trainable_share
-from dp.step import apply_update, draw_seed
+from dp.randomness import seeded_secret
+from dp.select import trainable_share
+from dp.sensitivity import random_task
+from dp.step import Mechanism, Task, dp_step, example_inputs, make_optimizer, private_gradient
 from kernels.clip_noise import clip_and_noise_reference
 from ldm.config import PRESETS, make_config
-from ldm.data import num_classes
-from ldm.runtime import build_diffusion, build_unet, latent_shape
 
 METHODS = {"a": "non-private", "b": "ours (DP, bk)", "v": "ours (DP, vmap)", "c": "opacus (DP)"}
 SIGMA = 1.0  # noise multiplier for the timed steps (the time does not depend on its value)
@@ -65,97 +64,70 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass
 class Setup:
-    """Everything a step needs: the model, its trainable set and one batch's worth of fake private data."""
+    """Everything a step needs: the preset's config and a Task (dp/step.py) whose "private set" is one batch."""
     cfg: object
-    unet: torch.nn.Module
-    diffusion: object
-    params: dict  # {name: parameter} selected for training
-    latents: tuple  # (mean, std), each (B, z, h, w): the "private set" is exactly one batch
-    labels: torch.Tensor  # (B,)
-    idx: torch.Tensor  # (B,) the sampled examples: all of them, every step
-    loss_gen: torch.Generator
+    task: Task  # random weights (zero-initialised ones redrawn) and B random latents: dp/sensitivity.random_task
+    secret: object  # seeded: a benchmark, not a training run
+    idx: torch.Tensor  # (B,) the sampled examples: all of them, every step (q = 1)
+    step: int = 0  # advances after every timed step, so each step has fresh per-example draws and noise
 
 
 def build_setup(preset, batch, physical_batch, device):
-    """The preset's UNet (seeded, zero-initialised weights redrawn), its selected parameters and B random latents."""
-    cfg = make_config(preset, {"physical_batch": physical_batch})
-    torch.manual_seed(SEED)
-    unet = build_unet(cfg)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.dim() > 1 and not p.any():  # zero_module weights would block every gradient behind them
-                p.normal_(0.0, 0.02)
-    unet = unet.to(device).train()
-    params = select_parameters(unet, cfg.dp.dp_blocks, cfg.dp.dp_class_embed)
-    gen = torch.Generator().manual_seed(SEED + 1)
-    shape = (batch, *latent_shape(cfg))
-    mean = torch.randn(shape, generator=gen).to(device)
-    std = (0.1 * torch.rand(shape, generator=gen)).to(device)
-    labels = torch.randint(0, num_classes(cfg.data), (batch,), generator=gen).to(device)
-    return Setup(cfg, unet, build_diffusion(cfg), params, (mean, std), labels,
-                 torch.arange(batch, device=device), torch.Generator().manual_seed(SEED + 2))
+    """The preset's UNet with random weights, its selected parameters and B random latents."""
+    cfg = make_config(preset, {"physical_batch": physical_batch, "seed": SEED})
+    task = random_task(cfg, batch, device)
+    task.unet.train()
+    return Setup(cfg, task, seeded_secret(SEED + 2, "benchmark seed"), torch.arange(batch, device=device))
 
 
-def draw_inputs(s, gen):
-    """(z0, y, t, noise) for the examples s.idx, drawn from `gen` exactly as `private_gradient` draws them."""
-    mean, std = s.latents
-    z0 = mean[s.idx] + std[s.idx] * torch.randn(mean[s.idx].shape, generator=gen).to(mean.device)
-    t, noise = s.diffusion.draw(z0, gen)
-    return z0, s.labels[s.idx], t, noise
-
-
-def make_optimizer(s):
-    """The preset's fine-tuning optimiser over the selected parameters."""
-    d = s.cfg.dp
-    cls = torch.optim.AdamW if d.optimizer == "adamw" else torch.optim.SGD
-    return cls(s.params.values(), lr=d.lr, weight_decay=d.weight_decay)
+def draw_inputs(s):
+    """(z0, y, t, noise) for the examples s.idx at step s.step, exactly as `dp.step` draws them."""
+    return example_inputs(s.task, s.secret, s.step, s.idx)
 
 
 def nonprivate_step(s):
     """(a) One batch, one backward of the mean loss, one optimiser step."""
-    opt = make_optimizer(s)
+    opt = make_optimizer(s.cfg.dp, s.task.params)
 
     def step():
-        z0, y, t, noise = draw_inputs(s, s.loss_gen)
-        s.diffusion.loss_per_example(s.unet, z0, y, t, noise).mean().backward()
+        s.task.diffusion.loss_per_example(s.task.unet, *draw_inputs(s)).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        s.step += 1
     return step
 
 
 def ours_step(s, method="bookkeeping"):
-    """(b, v) The DP step of dp/finetune.py: private_gradient over physical micro-batches, then apply_update."""
-    opt = make_optimizer(s)
-    dp_cfg = dataclasses.replace(s.cfg.dp, grad_method=method)
-    noise_gen = torch.Generator().manual_seed(SEED + 3)
-    divisor = float(len(s.idx))  # the expected batch size q N of a Poisson step, here exactly B
+    """(b, v) The DP step of training, `dp.step.dp_step`, with q = 1 (every example sampled), divisor B."""
+    opt = make_optimizer(s.cfg.dp, s.task.params)
+    task = dataclasses.replace(s.task, method=method)
+    mech = Mechanism(q=1.0, clip=s.cfg.dp.clip, sigma=SIGMA, divisor=float(len(s.idx)))
 
     def step():
-        grads = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen, dp_cfg,
-                                 SIGMA, divisor, draw_seed(noise_gen))
-        apply_update(opt, list(s.params.values()), grads, s.cfg.dp.lr)
+        dp_step(task, mech, s.secret, s.step, opt, s.cfg.dp.lr)
+        s.step += 1
     return step
 
 
 def opacus_wrap(s, sigma, clip):
-    """(GradSampleModule around s.unet, DPOptimizer over the selected parameters) with clip C and expected batch B."""
+    """(GradSampleModule around the UNet, DPOptimizer over the selected parameters) with clip C and expected batch B."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     # the latents need no gradient, so torch says Opacus's backward hooks see gradients w.r.t. outputs only: expected
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    model = GradSampleModule(s.unet, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(make_optimizer(s), noise_multiplier=sigma, max_grad_norm=clip,
+    model = GradSampleModule(s.task.unet, batch_first=True, loss_reduction="mean")
+    opt = DPOptimizer(make_optimizer(s.cfg.dp, s.task.params), noise_multiplier=sigma, max_grad_norm=clip,
                       expected_batch_size=len(s.idx), loss_reduction="mean")
     return model, opt
 
 
-def opacus_backward(s, model, opt, gen):
+def opacus_backward(s, model, opt):
     """Per-sample gradients by Opacus's hooks, clipped and accumulated one physical micro-batch at a time
     (what opacus.utils.BatchMemoryManager does: every micro-batch but the last is a skipped step)."""
-    z0, y, t, noise = draw_inputs(s, gen)
+    z0, y, t, noise = draw_inputs(s)
     chunks = torch.arange(len(z0), device=z0.device).split(s.cfg.dp.physical_batch)
     for i, c in enumerate(chunks):
-        s.diffusion.loss_per_example(model, z0[c], y[c], t[c], noise[c]).mean().backward()
+        s.task.diffusion.loss_per_example(model, z0[c], y[c], t[c], noise[c]).mean().backward()
         if i < len(chunks) - 1:
             opt.signal_skip_step(do_skip=True)
             opt.step()
@@ -167,9 +139,10 @@ def opacus_step(s):
     model, opt = opacus_wrap(s, SIGMA, s.cfg.dp.clip)
 
     def step():
-        opacus_backward(s, model, opt, s.loss_gen)
+        opacus_backward(s, model, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        s.step += 1
     return step
 
 
@@ -262,7 +235,7 @@ def zero_gradient_line(names, grads):
 
 def per_sample_norms(s, names, z0, y, t, noise):
     """(b,) L2 norm of each example's gradient over all selected tensors jointly (private data: diagnostics only)."""
-    grads = per_sample_grads(s.unet, s.diffusion, s.params, z0, y, t, noise)
+    grads = per_sample_grads(s.task.unet, s.task.diffusion, s.task.params, z0, y, t, noise)
     return clip_and_noise_reference([grads[n] for n in names], 1.0, 0.0, 1.0, 0, return_norms=True)[1]
 
 
@@ -270,47 +243,36 @@ def sanity_check(args, with_opacus):
     """On one batch: ours (sigma 0) vs Opacus's clipped gradient, and our unclipped per-sample sum vs autograd."""
     device = torch.device(args.device)
     s = build_setup(args.preset, args.batch, args.physical_batch, device)
-    names = list(s.params)
-    state = s.loss_gen.get_state()
-    z0, y, t, noise = draw_inputs(s, s.loss_gen)
+    task, names = s.task, list(s.task.params)
+    z0, y, t, noise = draw_inputs(s)
     norms = torch.cat([per_sample_norms(s, names, z0[c], y[c], t[c], noise[c])
                        for c in torch.arange(len(z0), device=z0.device).split(args.physical_batch)])
     clip = norms.median().item()  # half the examples clipped, half not: both branches of the factor are used
-    s.unet.zero_grad(set_to_none=True)
-    s.diffusion.loss_per_example(s.unet, z0, y, t, noise).sum().backward()
-    autograd = [s.params[n].grad.clone() for n in names]
-    s.unet.zero_grad(set_to_none=True)
+    task.unet.zero_grad(set_to_none=True)
+    task.diffusion.loss_per_example(task.unet, z0, y, t, noise).sum().backward()
+    autograd = [task.params[n].grad.clone() for n in names]
+    task.unet.zero_grad(set_to_none=True)
     lines, out = [], {"clip": clip, "median_norm": clip, "max_norm": norms.max().item()}
-    s.loss_gen.set_state(state)
-    unclipped = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen,
-                                 dataclasses.replace(s.cfg.dp, clip=1e30), 0.0, 1.0, 0)
-    out["vs_autograd"] = rel_diff(unclipped, autograd)
-    s.loss_gen.set_state(state)
-    ours_vmap = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen,
-                                 dataclasses.replace(s.cfg.dp, clip=clip, grad_method="vmap"), 0.0, 1.0, 0)
-    s.loss_gen.set_state(state)
-    ours_bk = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen,
-                               dataclasses.replace(s.cfg.dp, clip=clip, grad_method="bookkeeping"), 0.0, 1.0, 0)
-    out["bk_vs_vmap"] = rel_diff(ours_bk, ours_vmap)
+
+    def ours(method, clip, divisor=1.0):  # the clipped sum of `dp.step.private_gradient`, sigma 0
+        mech = Mechanism(q=1.0, clip=clip, sigma=0.0, divisor=divisor)
+        return private_gradient(dataclasses.replace(task, method=method), mech, s.secret, s.step, s.idx)
+    out["vs_autograd"] = rel_diff(ours("bookkeeping", None), autograd)
+    out["bk_vs_vmap"] = rel_diff(ours("bookkeeping", clip), ours("vmap", clip))
     lines.append(f"sanity: ours book-keeping vs ours vmap clipped sum (C = median norm): relative difference "
                  f"{out['bk_vs_vmap']:.2e}")
     lines.append(f"sanity: ours unclipped (sum of per-sample gradients) vs autograd batch gradient: relative "
                  f"difference {out['vs_autograd']:.2e}")
     lines.append(zero_gradient_line(names, autograd))
     if with_opacus:
-        s.loss_gen.set_state(state)
-        ours = private_gradient(s.unet, s.diffusion, s.params, s.latents, s.labels, s.idx, s.loss_gen,
-                                dataclasses.replace(s.cfg.dp, clip=clip, grad_method="bookkeeping"), 0.0,
-                                float(args.batch), 0)
-        lines.append(opacus_coverage(s.unet))
+        mine = ours("bookkeeping", clip, float(args.batch))
+        lines.append(opacus_coverage(task.unet))
         model, opt = opacus_wrap(s, 0.0, clip)
-        replay = torch.Generator()
-        replay.set_state(state)  # the same z0, t and noise as private_gradient drew
-        opacus_backward(s, model, opt, replay)
+        opacus_backward(s, model, opt)  # the same step: the same z0, t and noise as ours drew
         opt.pre_step()  # clip and accumulate the last micro-batch, add (zero) noise, divide by B
-        theirs = [s.params[n].grad.clone() for n in names]
+        theirs = [task.params[n].grad.clone() for n in names]
         model._close()
-        out["vs_opacus"] = rel_diff(ours, theirs)
+        out["vs_opacus"] = rel_diff(mine, theirs)
         lines.append(f"sanity: ours vs opacus clipped gradient sum (sigma 0, C = median per-sample norm "
                      f"{clip:.3g}, max norm {out['max_norm']:.3g}): relative difference {out['vs_opacus']:.2e}")
     return lines, out
@@ -393,11 +355,11 @@ def main(argv=None):
         return
     with_opacus = importlib.util.find_spec("opacus") is not None
     s = build_setup(args.preset, args.batch, args.physical_batch, torch.device("cpu"))
-    n_train, share = trainable_share(s.unet, s.params)
+    n_train, share = trainable_share(s.task.unet, s.task.params)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     version = f"opacus {importlib.import_module('opacus').__version__}" if with_opacus else "opacus not installed"
-    print(f"dp.bench: preset {args.preset}, UNet {sum(p.numel() for p in s.unet.parameters()):,} parameters, "
+    print(f"dp.bench: preset {args.preset}, UNet {sum(p.numel() for p in s.task.unet.parameters()):,} parameters, "
           f"trainable {n_train:,} ({100 * share:.1f}%) in blocks '{s.cfg.dp.dp_blocks}'"
           f"{' + class embedding' if s.cfg.dp.dp_class_embed else ''}; "
           f"batch {args.batch}, physical batch {args.physical_batch}, C={s.cfg.dp.clip:g}, sigma={SIGMA:g}; "

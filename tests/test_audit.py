@@ -147,8 +147,8 @@ def test_canary_coordinates_are_distinct_seeded_and_untouched_by_the_private_dat
 
 
 def test_without_noise_scores_count_the_samplings_of_included_canaries_only(cli_run, monkeypatch):
-    real = dp.step.clip_and_noise
-    monkeypatch.setattr(dp.step, "clip_and_noise", lambda g, c, s, d, seed, **k: real(g, c, 0.0, d, seed, **k))
+    real = dp.step.gaussian_noise
+    monkeypatch.setattr(dp.step, "gaussian_noise", lambda shapes, std, key, **k: real(shapes, 0.0, key, **k))
     seen, real_bound = {}, audit.one_run_bound
 
     def spy(scores, included, delta, level):
@@ -168,18 +168,20 @@ def test_without_noise_scores_count_the_samplings_of_included_canaries_only(cli_
 # ---- The audit against the real mechanism and against planted faults -------------------------
 
 
-def noise_quartered(real):
-    return lambda g, c, s, d, seed, **k: real(g, c, s / 4, d, seed, **k)
+def noise_quartered(monkeypatch):  # a bug planted in the noise that training's step adds
+    real = dp.step.gaussian_noise
+    monkeypatch.setattr(dp.step, "gaussian_noise", lambda shapes, std, key, **k: real(shapes, std / 4, key, **k))
 
 
-def clipping_disabled(real):
-    return lambda g, c, s, d, seed, **k: real(g, 1e30, s, d, seed, **k)
+def clipping_disabled(monkeypatch):  # a bug planted in the clipping of the canaries' per-example gradients
+    real = audit.clip_and_noise
+    monkeypatch.setattr(audit, "clip_and_noise", lambda g, c, s, d, seed, **k: real(g, 1e30, s, d, seed, **k))
 
 
 @pytest.mark.parametrize("fault", [None, noise_quartered, clipping_disabled])
 def test_real_run_audits_below_its_epsilon_and_planted_faults_audit_above(cli_run, monkeypatch, fault):
-    if fault is not None:  # a bug planted in the clip-and-noise function that training uses
-        monkeypatch.setattr(dp.step, "clip_and_noise", fault(dp.step.clip_and_noise))
+    if fault is not None:
+        fault(monkeypatch)
     m = 2000
     # q = 1 (expected batch = N): no subsampling, the setting where the one-run audit is sharpest
     report = audited(cli_run[0], m, 10, epsilon=2.0, expected_batch=N_REAL + m, physical_batch=64)

@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 
 import dp.bookkeeping as bk
-from dp.finetune import private_gradient, resolve_grad_method
+from dp.finetune import resolve_grad_method
+from dp.randomness import seeded_secret
+from dp.step import Mechanism, Task, private_gradient
 from dp.per_sample import per_sample_grads
 from dp.select import select_parameters
 from kernels.clip_noise import clip_and_noise_reference
@@ -83,12 +85,11 @@ def test_private_gradient_is_the_same_by_either_method(physical):
     n = 7
     latents = (torch.randn(n, *latent_shape(make_config("smoke"))), torch.full((n, 3, 8, 8), 0.1))
     idx, labels = torch.tensor([0, 1, 2, 4, 5, 6]), torch.arange(n)
-    out = {}
+    out, mech = {}, Mechanism(q=0.5, clip=1e-3, sigma=0.5, divisor=3.0)
     for method in ("bookkeeping", "vmap"):
-        cfg = make_config("smoke", {"physical_batch": physical, "clip": 1e-3, "grad_method": method}).dp
-        out[method] = private_gradient(unet, d, params, latents, labels, idx, torch.Generator().manual_seed(2),
-                                       cfg, sigma=0.5, divisor=3.0, seed=11)
-    assert_same_sum(out["bookkeeping"], out["vmap"])  # same examples, draws and noise seed
+        task = Task(unet, d, params, latents, labels, method, physical)
+        out[method] = private_gradient(task, mech, seeded_secret(2, "test"), 4, idx)
+    assert_same_sum(out["bookkeeping"], out["vmap"])  # same examples, draws and noise key
 
 
 class WithBatchNorm(nn.Module):

@@ -25,8 +25,9 @@ def one_dp_step(rank, world, port, out_path):
     """The same DP step (data, Poisson sample, loss draws, noise seed) on `world` processes."""
     import torch.distributed as tdist
 
-    from dp.finetune import private_gradient
+    from dp.randomness import seeded_secret
     from dp.select import select_parameters
+    from dp.step import Mechanism, Task, private_gradient
     from ldm.config import make_config
     from ldm.diffusion import Diffusion
     from ldm.distributed import Dist
@@ -40,13 +41,12 @@ def one_dp_step(rank, world, port, out_path):
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.1)
     params = select_parameters(unet, "all")
-    cfg = make_config("smoke", {"physical_batch": 2, "clip": 0.05}).dp
     g = torch.Generator().manual_seed(1)
     mean, std = torch.randn(12, 3, 8, 8, generator=g), torch.rand(12, 3, 8, 8, generator=g) * 0.1
     idx = torch.tensor([0, 1, 4, 5, 7, 9, 11])
-    grads = private_gradient(unet, Diffusion(), params, (mean, std), torch.arange(12) % 10, idx,
-                             torch.Generator().manual_seed(2), cfg, sigma=0.7, divisor=4.0, seed=99,
-                             dist=Dist(rank, world, rank))
+    task = Task(unet, Diffusion(), params, (mean, std), torch.arange(12) % 10, physical_batch=2)
+    grads = private_gradient(task, Mechanism(q=0.5, clip=0.05, sigma=0.7, divisor=4.0), seeded_secret(99, "test"),
+                             5, idx, dist=Dist(rank, world, rank))
     torch.save(grads, f"{out_path}.{rank}")
     if world > 1:
         tdist.destroy_process_group()

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import train
-from dp.finetune import private_gradient, train_finetune
+from dp.finetune import train_finetune
 from dp.per_sample import per_sample_grads
-from dp.poisson import num_steps, poisson_sample, sampling_rate
+from dp.poisson import num_steps, sampling_rate
+from dp.randomness import poisson_sample, run_secret, seeded_secret
 from dp.select import parse_blocks, select_parameters
+from dp.step import Mechanism, Task, example_inputs, private_gradient
 from ldm.checkpoint import load_checkpoint
 from ldm.config import make_config
 from ldm.diffusion import Diffusion
@@ -85,22 +87,21 @@ def naive_clipped_sum(unet, d, params, z0, y, t, noise, clip):
     return total
 
 
+def make_task(unet, params, mean, std, labels, method="bookkeeping", physical_batch=64):
+    return Task(unet, Diffusion(), params, (mean, std), labels, method, physical_batch)
+
+
 @pytest.mark.parametrize("method", ["bookkeeping", "vmap"])
 def test_sigma_zero_update_is_clipped_sum_over_expected_batch_with_micro_batches(method):
     unet, d = small_unet(), Diffusion()
     params = select_parameters(unet, "decoder")
-    cfg = make_config("smoke", {"physical_batch": 3, "clip": 1e-3, "grad_method": method}).dp  # clipping active
     n = 7
-    mean, std = torch.randn(n, 3, 8, 8), torch.zeros(n, 3, 8, 8)  # std 0: latents are the means
-    labels = torch.arange(n) % 10
-    idx = torch.tensor([0, 2, 3, 4, 6])
-    grads = private_gradient(unet, d, params, (mean, std), labels, idx, torch.Generator().manual_seed(5), cfg,
-                             sigma=0.0, divisor=2.5, seed=0)
-    # replay the loss generator: all draws for the logical batch come first, in example order
-    gen = torch.Generator().manual_seed(5)
-    torch.randn(mean[idx].shape, generator=gen)
-    t, e = d.draw(mean[idx], gen)
-    expected = naive_clipped_sum(unet, d, params, mean[idx], labels[idx], t, e, 1e-3)
+    mean, std = torch.randn(n, 3, 8, 8), torch.rand(n, 3, 8, 8) * 0.1
+    task = make_task(unet, params, mean, std, torch.arange(n) % 10, method, physical_batch=3)
+    idx, secret = torch.tensor([0, 2, 3, 4, 6]), seeded_secret(5, "test")
+    grads = private_gradient(task, Mechanism(q=0.5, clip=1e-3, sigma=0.0, divisor=2.5), secret, 3, idx)
+    z0, y, t, e = example_inputs(task, secret, 3, idx)  # every example's own draws at step 3
+    expected = naive_clipped_sum(unet, d, params, z0, y, t, e, 1e-3)  # clipping active
     for g, e in zip(grads, expected.values()):
         torch.testing.assert_close(g, e / 2.5, rtol=1e-4, atol=1e-9)
     total_norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -109,49 +110,64 @@ def test_sigma_zero_update_is_clipped_sum_over_expected_batch_with_micro_batches
 
 @pytest.mark.parametrize("method", ["bookkeeping", "vmap"])
 def test_each_clipped_contribution_is_at_most_c(method):
-    unet, d = small_unet(), Diffusion()
+    unet = small_unet()
     params = select_parameters(unet, "all")
-    cfg = make_config("smoke", {"clip": 1e-4, "grad_method": method}).dp
-    mean, std = torch.randn(6, 3, 8, 8) * 10, torch.zeros(6, 3, 8, 8)
+    task = make_task(unet, params, torch.randn(6, 3, 8, 8) * 10, torch.zeros(6, 3, 8, 8), torch.arange(6), method)
+    mech = Mechanism(q=0.5, clip=1e-4, sigma=0.0, divisor=1.0)
     for i in range(6):  # one example at a time: its whole contribution has norm <= C
-        grads = private_gradient(unet, d, params, (mean, std), torch.arange(6), torch.tensor([i]),
-                                 torch.Generator().manual_seed(i), cfg, 0.0, 1.0, 0)
+        grads = private_gradient(task, mech, seeded_secret(i, "test"), 0, torch.tensor([i]))
         norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
         assert norm <= 1e-4 * (1 + 1e-5) and norm > 0.5e-4  # clipped, and clipping was active
 
 
-def test_noise_has_standard_deviation_sigma_c_over_divisor_and_empty_batch_is_noise_only():
-    unet, d = small_unet(), Diffusion()
+@pytest.mark.parametrize("method", ["bookkeeping", "vmap"])
+def test_an_example_with_a_non_finite_gradient_contributes_exactly_zero(method):
+    unet = small_unet()
     params = select_parameters(unet, "all")
-    cfg = make_config("smoke", {"clip": 0.5}).dp
-    mean, std = torch.randn(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
-    empty = torch.zeros(0, dtype=torch.long)
-    grads = private_gradient(unet, d, params, (mean, std), torch.arange(4), empty, torch.Generator(), cfg,
-                             sigma=2.0, divisor=4.0, seed=1234)
+    mean, std = torch.randn(6, 3, 8, 8), torch.rand(6, 3, 8, 8) * 0.1
+    mean[1, 0, 0, 0], mean[4, 2, 3, 1] = float("inf"), float("nan")  # their losses and gradients are not finite
+    task = make_task(unet, params, mean, std, torch.arange(6), method, physical_batch=4)
+    mech, secret = Mechanism(q=0.5, clip=1e-2, sigma=0.0, divisor=1.0), seeded_secret(1, "test")
+    got = private_gradient(task, mech, secret, 0, torch.arange(6))
+    finite = private_gradient(task, mech, secret, 0, torch.tensor([0, 2, 3, 5]))
+    assert all(torch.isfinite(g).all() for g in got)
+    a, b = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in finite])
+    assert b.norm() > 0 and (a - b).norm() <= 1e-5 * b.norm()  # the sum of the finite examples, up to rounding
+
+
+def test_noise_has_standard_deviation_sigma_c_over_divisor_and_empty_batch_is_noise_only():
+    unet = small_unet()
+    params = select_parameters(unet, "all")
+    task = make_task(unet, params, torch.randn(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), torch.arange(4))
+    mech, empty = Mechanism(q=0.5, clip=0.5, sigma=2.0, divisor=4.0), torch.zeros(0, dtype=torch.long)
+    grads = private_gradient(task, mech, seeded_secret(1234, "test"), 0, empty)
     flat = torch.cat([g.flatten() for g in grads])
     assert flat.numel() > 50_000
     expected = 2.0 * 0.5 / 4.0
     assert abs(flat.std().item() / expected - 1) < 0.02  # a factor 1.5 (or sqrt 2) error fails
     assert abs(flat.mean().item()) < 5 * expected / flat.numel() ** 0.5
-    again = private_gradient(unet, d, params, (mean, std), torch.arange(4), empty, torch.Generator(), cfg,
-                             sigma=2.0, divisor=4.0, seed=1234)
-    other = private_gradient(unet, d, params, (mean, std), torch.arange(4), empty, torch.Generator(), cfg,
-                             sigma=2.0, divisor=4.0, seed=1235)
+    again = private_gradient(task, mech, seeded_secret(1234, "test"), 0, empty)
+    other_step = private_gradient(task, mech, seeded_secret(1234, "test"), 1, empty)
+    other_secret = private_gradient(task, mech, seeded_secret(1235, "test"), 0, empty)
     assert all(torch.equal(a, b) for a, b in zip(grads, again))
-    assert not torch.equal(grads[0], other[0])
+    assert not torch.equal(grads[0], other_step[0]) and not torch.equal(grads[0], other_secret[0])
 
 
 def test_poisson_sampling_rate_independence_and_empty_samples():
-    g = torch.Generator().manual_seed(0)
-    sizes = torch.tensor([len(poisson_sample(1000, 0.05, g)) for _ in range(400)]).float()
+    secret = seeded_secret(0, "test")
+    sizes = torch.tensor([len(poisson_sample(secret, s, 1000, 0.05)) for s in range(400)]).float()
     assert abs(sizes.mean().item() - 50) < 5 * (1000 * 0.05 * 0.95 / 400) ** 0.5
     assert abs(sizes.var().item() / (1000 * 0.05 * 0.95) - 1) < 0.25  # binomial, not fixed-size
     counts = torch.zeros(1000)
-    for _ in range(400):
-        counts[poisson_sample(1000, 0.05, g)] += 1
+    for s in range(400):
+        counts[poisson_sample(secret, s, 1000, 0.05)] += 1
     assert abs(counts.mean().item() - 20) < 0.5  # every example with the same rate
-    empties = sum(len(poisson_sample(10, 0.01, g)) == 0 for _ in range(200))
+    pairs = torch.stack([torch.isin(torch.tensor([3, 4]), poisson_sample(secret, s, 1000, 0.5)) for s in range(2000)])
+    both = (pairs[:, 0] & pairs[:, 1]).float().mean().item()
+    assert abs(both - 0.25) < 0.04  # neighbouring examples are included independently
+    empties = sum(len(poisson_sample(secret, s, 10, 0.01)) == 0 for s in range(200))
     assert empties > 150  # empty samples happen and are returned as they are
+    assert len(poisson_sample(secret, 0, 50, 1.0)) == 50  # q = 1: everyone, every step
     assert num_steps(2.0, 0.01) == 200 and sampling_rate(16, 256) == 1 / 16
 
 
@@ -189,7 +205,7 @@ def test_finetune_changes_only_selected_parameters_and_never_the_autoencoder(pre
     assert all(torch.equal(post["autoencoder"][k], pre["autoencoder"][k]) for k in pre["autoencoder"])
     assert report["steps"] == num_steps(cfg.dp.epochs, cfg.dp.expected_batch / 256)
     assert report["epsilon"] <= cfg.dp.epsilon and report["neighbouring_relation"].startswith("add/remove")
-    assert post["secret_generators"], "experiment mode stores the generators"
+    assert post["differentially_private"] is True and post["privacy_report"]["epsilon"] == report["epsilon"]
 
 
 def test_private_set_never_reaches_public_stages(tmp_path, monkeypatch):
@@ -278,6 +294,5 @@ def test_empty_private_set_is_refused():
 
 
 def test_noise_seed_warns_that_the_run_is_not_for_release():
-    from dp.finetune import secret_generators
     with pytest.warns(UserWarning, match="not for release"):
-        secret_generators(3)
+        run_secret(3)

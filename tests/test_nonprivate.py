@@ -7,9 +7,11 @@ import torch
 
 import sample
 import train
-from dp.nonprivate import STAGE, mean_gradient, train_finetune_nonprivate
+from dp.nonprivate import STAGE, train_finetune_nonprivate
 from dp.per_sample import per_sample_grads
+from dp.randomness import seeded_secret
 from dp.select import select_parameters
+from dp.step import Mechanism, Task, example_inputs, private_gradient
 from ldm.checkpoint import load_checkpoint
 from ldm.config import make_config
 from ldm.diffusion import Diffusion
@@ -29,24 +31,22 @@ def pretrained(tmp_path_factory):
     return out
 
 
-def test_gradient_is_the_unclipped_mean_of_per_sample_gradients_over_micro_batches():
+def test_gradient_is_the_unclipped_sum_of_per_sample_gradients_over_expected_batch():
     torch.manual_seed(0)
-    unet, d = build_unet(make_config("smoke")), Diffusion()
+    unet = build_unet(make_config("smoke"))
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.1)
     params = select_parameters(unet, "decoder")
-    unet.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
     g = torch.Generator().manual_seed(1)
-    z0, y = torch.randn(7, 3, 8, 8, generator=g), torch.arange(7)
-    t, noise = d.draw(z0, g)
-    got = mean_gradient(unet, d, params, z0, y, t, noise, physical_batch=3)
-    per = per_sample_grads(unet, d, params, z0, y, t, noise)
+    task = Task(unet, Diffusion(), params, (torch.randn(7, 3, 8, 8, generator=g), torch.rand(7, 3, 8, 8) * 0.1),
+                torch.arange(7), physical_batch=3)
+    mech, secret, idx = Mechanism(q=0.5, clip=None, sigma=0.0, divisor=3.5), seeded_secret(0, "test"), torch.arange(7)
+    got = private_gradient(task, mech, secret, 2, idx)  # the non-private step: no clipping, no noise
+    per = per_sample_grads(unet, task.diffusion, params, *example_inputs(task, secret, 2, idx))
     for (name, _), value in zip(params.items(), got):
-        torch.testing.assert_close(value, per[name].mean(0), rtol=1e-4, atol=1e-7)
-    empty = mean_gradient(unet, d, params, z0[:0], y[:0], t[:0], noise[:0], physical_batch=3)
-    assert all(not v.any() for v in empty)
+        torch.testing.assert_close(value, per[name].sum(0) / 3.5, rtol=1e-4, atol=1e-7)
+    empty = private_gradient(task, mech, secret, 2, idx[:0])
+    assert all(not v.any() for v in empty) and not mech.private
 
 
 def test_stage_trains_only_the_dp_parameters_and_is_marked_not_private(pretrained, tmp_path, capsys):
