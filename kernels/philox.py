@@ -51,6 +51,7 @@ this project's 2-core CPU see the numbers in tests/test_philox.py's benchmark no
 """
 
 import numbers
+import struct
 
 import torch
 
@@ -65,15 +66,15 @@ _B_NEG = PHILOX_ROUND_B - 2 ** 32
 
 
 def _f32(x):
-    """The float32 value nearest to x, as a Python float (exact, so any op precision gives fp32 results)."""
-    return torch.tensor(x, dtype=torch.float32).item()
+    """The float32 nearest to x, as a Python float: exact in float32, so float32 and float64 op math agree."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 UNIFORM_SCALE = _f32(4.6566127342e-10)  # Triton's uint_to_uniform_float scale for 32-bit words
 BOX_MULLER_MIN_U = _f32(1.0e-7)  # Triton's clamp of u1 before the log
 TWO_PI = _f32(6.283185307179586)
-_CPU_CHUNK = 1 << 16  # counters per block on CPU: 6 int64 buffers of 512 KiB
-_CUDA_CHUNK = 1 << 24
+_CPU_CHUNK = 1 << 15  # counters per block on CPU: 6 int64 buffers of 256 KiB, see "Speed"
+_CUDA_CHUNK = 1 << 22  # on CUDA: few launches, 192 MiB of buffers at most
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,12 +232,18 @@ def randn(key, offsets, rounds=10):
     1958, first output); equal to Triton's up to float32 rounding of log / sqrt / cos (module docstring).
     """
     blocks = _offset_blocks(key, offsets, rounds)
-    out = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
-    angle = torch.empty(min(out.numel(), _CPU_CHUNK if out.device.type != "cuda" else _CUDA_CHUNK),
-                        dtype=torch.float32, device=out.device)
+    u1 = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
+    u2 = torch.empty_like(u1)
     for start, stop, (x0, x1, x2, _) in blocks:
-        radius = _to_uniform_(x0, x2, out.view(-1)[start:stop])
-        radius.clamp_min_(BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_()
-        theta = _to_uniform_(x1, x2, angle[:stop - start]).mul_(TWO_PI)
-        radius.mul_(theta.cos_())
-    return out
+        _to_uniform_(x0, x2, u1.view(-1)[start:stop])
+        _to_uniform_(x1, x2, u2.view(-1)[start:stop])
+    return _box_muller_(u1, u2)
+
+
+def _box_muller_(u1, u2):
+    """Triton's pair_uniform_to_normal(u1, u2)[0], in place over whole tensors (float math parallelises well).
+
+    u1, u2: float32 (n,) in [0, 1). Returns u1, now sqrt(-2 log(max(u1, 1e-7))) cos(2 pi u2); clobbers u2.
+    """
+    radius = u1.clamp_min_(BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_()
+    return radius.mul_(u2.mul_(TWO_PI).cos_())

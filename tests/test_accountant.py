@@ -2,6 +2,8 @@
 
 Reference figures come from /work/shared/FACTS.md (public accountants), not from this code.
 PRV calls cost about a second each; the module memoises them, so repeated parameters are free.
+The add direction is checked against a Monte-Carlo CDF, the exact one-step hockey-stick
+divergence, and a plain numpy PLD composition written here.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import special
 
 from dp import accountant as acc
 from ldm.errors import UserError
@@ -48,6 +51,10 @@ def test_compute_epsilon_reports_prv_upper_and_rdp_cross_check():
     result = acc.compute_epsilon(sigma, q, steps, delta)
     assert result.accountant == "prv" and result.warning is None
     assert result.epsilon == result.epsilon_prv == acc.epsilon_prv(sigma, q, steps, delta)
+    assert result.epsilon_remove == acc.epsilon_prv_remove(sigma, q, steps, delta)
+    assert result.epsilon_add == acc.epsilon_prv_add(sigma, q, steps, delta)
+    assert result.epsilon == max(result.epsilon_remove, result.epsilon_add)
+    assert result.epsilon_add < result.epsilon_remove - 1  # 3.19 against 7.44: two different numbers
     assert abs(result.epsilon - prv_ref) <= 0.02
     assert abs(result.epsilon_rdp - rdp_ref) <= 0.02
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -76,7 +83,145 @@ def test_full_batch_gaussian_is_bounded_above_tightly(sigma, steps):
     eps_prv = acc.epsilon_prv(sigma, 1.0, steps, 1e-5)
     eps_rdp = acc.epsilon_rdp(sigma, 1.0, steps, 1e-5)
     assert exact <= eps_prv <= exact + 0.02
+    # at q = 1 the add pair is the remove pair mirrored (x -> 1 - x): the same Gaussian mechanism
+    assert exact <= acc.epsilon_prv_add(sigma, 1.0, steps, 1e-5) <= exact + 0.02
     assert exact <= eps_rdp <= 1.15 * exact
+
+
+# ---- the add direction: its PRV, its one-step delta, its composition, and the max ----------------
+
+
+def _add_loss(sigma: float, q: float, x: np.ndarray) -> np.ndarray:
+    """log(N(0, s^2)(x) / ((1 - q) N(0, s^2)(x) + q N(1, s^2)(x))), straight from the densities."""
+    return -np.logaddexp(math.log1p(-q), math.log(q) + (2 * x - 1) / (2 * sigma**2))
+
+
+@pytest.mark.parametrize("sigma, q", [(1.0, 0.1), (0.6, 0.3), (2.0, 0.5)])
+def test_add_prv_cdf_matches_monte_carlo(sigma, q):
+    n = 1_000_000
+    losses = np.sort(_add_loss(sigma, q, np.random.default_rng(20240611).normal(0.0, sigma, n)))
+    t = np.quantile(losses, [0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.98])
+    empirical = np.searchsorted(losses, t, side="right") / n
+    tolerance = 5 * np.sqrt(empirical * (1 - empirical) / n)  # 5 binomial standard deviations, <= 2.5e-3
+    assert np.all(np.abs(acc.SubsampledGaussianAddPRV(q, sigma).cdf(t) - empirical) <= tolerance)
+    # the test can tell the directions apart: the remove PRV's CDF misses by far more
+    remove = acc.PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
+    with np.errstate(over="ignore"):
+        assert np.max(np.abs(remove.cdf(t).astype(float) - empirical) / tolerance) > 10
+
+
+@pytest.mark.parametrize("sigma, q", [(1.0, 0.1), (0.5, 0.01), (3.0, 0.5)])
+def test_add_prv_tails_keep_relative_precision(sigma, q):
+    prv = acc.SubsampledGaussianAddPRV(q, sigma)
+    c = prv.loss_max
+    for d in (1e-3, 1e-6, 1e-9):  # P[c - d < Y <= c] = P[x < x_d]; a naive 1 - F(c - d) loses it
+        t = c - d
+        d = c - t  # the d that floating point represents
+        x_d = sigma**2 * math.log(math.expm1(d) * (1 - q) / q) + 0.5
+        assert float(prv.probability(t, c)) == pytest.approx(special.ndtr(x_d / sigma), rel=1e-6)
+    for t in (-5.0, -30.0):  # lower tail: P[Y <= t] = P[x >= x(t)], x(t) from the inverse of Y
+        x_t = sigma**2 * math.log((math.exp(-t) - (1 - q)) / q) + 0.5
+        assert float(prv.cdf(t)) == pytest.approx(special.ndtr(-x_t / sigma), rel=1e-9)
+    assert prv.cdf(c) == 1.0 and prv.probability(c, c + 1.0) == 0.0  # no mass at or above c
+
+
+@pytest.mark.parametrize("sigma, q", [(1.0, 0.1), (0.6, 0.01), (0.3, 0.02)])
+def test_add_prv_truncated_mean_matches_a_sum_over_x(sigma, q):
+    prv = acc.SubsampledGaussianAddPRV(q, sigma)
+    x = np.linspace(-40 * sigma, 40 * sigma + 1, 4_000_001)
+    weight = np.exp(-x**2 / (2 * sigma**2))
+    y = _add_loss(sigma, q, x)
+    keep = np.abs(y) <= 9.0
+    assert prv.truncated_mean(-9.0, 9.0) == pytest.approx(np.sum(y * weight * keep) / np.sum(weight * keep),
+                                                          rel=1e-9, abs=1e-15)
+
+
+def _hockey_stick(log_p: np.ndarray, log_q: np.ndarray, eps: float, dx: float) -> float:
+    """integral of max(0, P - e^eps Q) by the trapezoid rule on an even grid of step dx."""
+    f = np.maximum(0.0, np.exp(log_p) - np.exp(eps + log_q))
+    return dx * (f.sum() - 0.5 * (f[0] + f[-1]))
+
+
+@pytest.mark.parametrize("sigma, q, epsilons", [(1.0, 0.5, (0.05, 0.2, 0.4)), (2.0, 0.8, (0.2, 0.6)),
+                                                (0.5, 0.3, (0.2, 0.4))])
+def test_add_one_step_delta_is_hockey_stick_of_swapped_pair(sigma, q, epsilons):
+    x = np.linspace(-14 * sigma, 14 * sigma + 1, 2_000_001)
+    log_n0 = -x**2 / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi))
+    log_mix = np.logaddexp(math.log1p(-q) + log_n0, math.log(q) + log_n0 + (2 * x - 1) / (2 * sigma**2))
+    composed = acc._add_direction_composition(sigma, q, 1, 1e-5)
+    delta_error = 1e-5 * acc.PRV_DELTA_ERROR_FRACTION
+    for eps in epsilons:
+        exact = _hockey_stick(log_n0, log_mix, eps, x[1] - x[0])  # P = N(0, s^2), Q = the mixture
+        assert composed.compute_delta_estimate(eps) == pytest.approx(exact, rel=2e-4, abs=1e-12)
+        assert composed.compute_delta_estimate(eps + acc.PRV_EPS_ERROR) - delta_error <= exact
+        assert exact <= composed.compute_delta_estimate(eps - acc.PRV_EPS_ERROR) + delta_error
+        assert _hockey_stick(log_mix, log_n0, eps, x[1] - x[0]) > 1.03 * exact + 1e-3  # remove differs
+    assert _hockey_stick(log_n0, log_mix, -math.log1p(-q) + 1e-3, x[1] - x[0]) == 0.0  # loss is < c
+
+
+def _add_pld_epsilon_bounds(sigma, q, steps, delta, h=1e-4, floor=3.0, cells=2_000_000):
+    """(optimistic, pessimistic) epsilon of the add pair composed `steps` times by a plain numpy PLD.
+
+    x-cells of N(0, s^2) carry their exact mass; the pessimistic PLD puts it at the largest loss
+    over the cell rounded up to the grid h (losses below -floor raised to it, the x tails at their
+    sup), the optimistic one at the smallest rounded down (tails dropped). Both are composed by
+    zero-padded FFT (no wrap-around), and eps(delta) is found by bisection on
+    delta(eps) = sum_y p(y) (1 - e^(eps - y))_+. The true epsilon lies between the two.
+    """
+    edges = np.linspace(-12 * sigma, 12 * sigma + 1, cells + 1)
+    loss, mass = _add_loss(sigma, q, edges), np.diff(special.ndtr(edges / sigma))  # loss decreases in x
+    k_floor, k_top = -math.ceil(floor / h), math.ceil(-math.log1p(-q) / h)
+    pess = np.bincount(np.maximum(np.ceil(loss[:-1] / h).astype(int), k_floor) - k_floor, mass, k_top - k_floor + 1)
+    pess[-1] += special.ndtr(edges[0] / sigma)
+    pess[max(math.ceil(loss[-1] / h), k_floor) - k_floor] += special.ndtr(-edges[-1] / sigma)
+    k_opt = np.floor(loss[1:] / h).astype(int)
+    opt = np.bincount(k_opt[k_opt >= k_floor] - k_floor, mass[k_opt >= k_floor], k_top - k_floor + 1)
+    opt[math.floor(loss[0] / h) - k_floor] += special.ndtr(edges[0] / sigma)
+    bounds = []
+    for pmf in (opt, pess):
+        n = steps * (len(pmf) - 1) + 1
+        size = 1 << (n - 1).bit_length()
+        composed = np.fft.irfft(np.fft.rfft(pmf, size) ** steps, size)[:n]
+        y = (steps * k_floor + np.arange(n)) * h
+        lo, hi = 0.0, float(y[-1])
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            delta_mid = np.sum(composed[y > mid] * -np.expm1(mid - y[y > mid]))
+            lo, hi = (mid, hi) if delta_mid > delta else (lo, mid)
+        bounds.append(hi)
+    return tuple(bounds)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.1, 100), (2.0, 0.5, 20)])
+def test_composed_add_epsilon_matches_independent_pld(sigma, q, steps):
+    optimistic, pessimistic = _add_pld_epsilon_bounds(sigma, q, steps, 1e-5)
+    assert pessimistic - optimistic <= 0.015  # the grid bracket is narrow
+    eps_add = acc.epsilon_prv_add(sigma, q, steps, 1e-5)  # an estimate plus eps_error = 0.01
+    assert optimistic + acc.PRV_EPS_ERROR - 0.002 <= eps_add <= pessimistic + acc.PRV_EPS_ERROR + 0.002
+    assert acc.epsilon_prv_remove(sigma, q, steps, 1e-5) > pessimistic + 1  # 7.06 and 5.70: another pair
+
+
+def test_compute_epsilon_reports_the_larger_direction(monkeypatch):
+    sigma, q, steps, delta = 1.0, 0.01, 200, 1e-5
+    remove = acc.epsilon_prv_remove(sigma, q, steps, delta)
+    # the add direction is the smaller one here; pretend it is the larger one
+    monkeypatch.setattr(acc, "_prv_upper_add", lambda *args: remove + 0.5)
+    result = acc.compute_epsilon(sigma, q, steps, delta)
+    assert result.accountant == "prv" and result.epsilon_remove == remove
+    assert result.epsilon == result.epsilon_prv == result.epsilon_add == remove + 0.5
+    assert acc.epsilon_prv(sigma, q, steps, delta) == remove + 0.5
+
+
+def test_calibration_uses_the_larger_direction(monkeypatch):
+    q, steps, delta, target = 0.01, 200, 1e-5, 2.0
+    plain = acc.calibrate_sigma(target, q, steps, delta)
+    assert acc.epsilon_prv_add(plain, q, steps, delta) < acc.epsilon_prv_remove(plain, q, steps, delta)
+    # an add direction 20% above the remove direction must cost noise
+    monkeypatch.setattr(acc, "_prv_upper_add", lambda *args: 1.2 * acc._prv_upper_remove(*args))
+    larger = acc.calibrate_sigma(target, q, steps, delta)
+    assert larger > plain + 0.03  # 0.823 against 0.778
+    assert acc.compute_epsilon(larger, q, steps, delta).epsilon <= target
+    assert acc.compute_epsilon(larger - 0.01, q, steps, delta).epsilon > target
 
 
 # ---- RDP formulas against brute-force numerical integration --------------------------------------
@@ -136,7 +281,7 @@ def test_rdp_to_epsilon_is_balle_conversion():
 # ---- monotonicity --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("epsilon_fn", [acc.epsilon_prv, acc.epsilon_rdp])
+@pytest.mark.parametrize("epsilon_fn", [acc.epsilon_prv, acc.epsilon_prv_add, acc.epsilon_rdp])
 def test_epsilon_is_monotone(epsilon_fn):
     base = dict(sigma=1.0, q=0.01, steps=200, delta=1e-5)
     by_sigma = [epsilon_fn(**{**base, "sigma": s}) for s in (0.8, 1.0, 1.5)]
@@ -150,11 +295,13 @@ def test_epsilon_is_monotone(epsilon_fn):
 def test_rdp_is_never_below_prv_on_a_grid():
     for sigma in (0.8, 2.0):
         for q in (0.005, 0.05):
-            assert acc.epsilon_rdp(sigma, q, 200, 1e-5) >= acc.epsilon_prv(sigma, q, 200, 1e-5)
+            eps_rdp = acc.epsilon_rdp(sigma, q, 200, 1e-5)
+            assert eps_rdp >= acc.epsilon_prv_remove(sigma, q, 200, 1e-5)
+            assert eps_rdp >= acc.epsilon_prv_add(sigma, q, 200, 1e-5)
 
 
 def test_trivial_mechanisms():
-    for epsilon_fn in (acc.epsilon_prv, acc.epsilon_rdp):
+    for epsilon_fn in (acc.epsilon_prv, acc.epsilon_prv_remove, acc.epsilon_prv_add, acc.epsilon_rdp):
         assert epsilon_fn(1.0, 0.0, 100, 1e-5) == 0.0
         assert epsilon_fn(1.0, 0.01, 0, 1e-5) == 0.0
         assert epsilon_fn(0.0, 0.01, 100, 1e-5) == math.inf
@@ -178,14 +325,16 @@ def test_calibrate_sigma_refuses_targets_needing_huge_noise():
 # ---- fallback to RDP ----------------------------------------------------------------------------
 
 
-def test_fallback_to_rdp_when_prv_fails(monkeypatch):
+@pytest.mark.parametrize("direction", ["epsilon_prv_remove", "epsilon_prv_add"])
+def test_fallback_to_rdp_when_prv_fails(monkeypatch, direction):
     def failing_prv(*args, **kwargs):
         raise RuntimeError("Discrete mean differs significantly from continuous mean")
 
-    monkeypatch.setattr(acc, "epsilon_prv", failing_prv)
+    monkeypatch.setattr(acc, direction, failing_prv)
     with pytest.warns(RuntimeWarning, match="RDP"):
         result = acc.compute_epsilon(1.0, 0.01, 200, 1e-5)
     assert result.accountant == "rdp" and result.epsilon_prv is None
+    assert result.epsilon_remove is None and result.epsilon_add is None
     assert result.epsilon == result.epsilon_rdp == acc.epsilon_rdp(1.0, 0.01, 200, 1e-5)
     assert "Discrete mean differs" in result.warning and "RDP" in result.warning
 
@@ -252,6 +401,8 @@ def test_cli_epsilon_mode(capsys):
     assert len(out.strip().splitlines()) == 1
     assert abs(_number_after("epsilon", out) - 7.434) <= 0.02
     assert "prv accountant" in out and "RDP cross-check 8.66" in out and "add/remove" in out
+    remove, add = map(float, re.search(r"max of remove ([0-9.]+) and add ([0-9.]+)", out).groups())
+    assert abs(remove - 7.444) <= 0.01 and abs(add - 3.188) <= 0.01
 
 
 def test_cli_calibrate_mode(capsys):
@@ -269,7 +420,8 @@ def test_cli_json_has_every_input_and_output(capsys):
     assert report["mode"] == "account"
     assert (report["sigma"], report["q"], report["steps"], report["delta"]) == (0.6, 0.01, 1000, 1e-5)
     assert report["accountant"] == "prv" and report["warning"] is None
-    assert report["epsilon"] == report["epsilon_prv"]
+    assert report["epsilon"] == report["epsilon_prv"] == max(report["epsilon_remove"], report["epsilon_add"])
+    assert abs(report["epsilon_add"] - 3.19) <= 0.01
     assert abs(report["epsilon"] - 7.434) <= 0.02 and abs(report["epsilon_rdp"] - 8.666) <= 0.02
     assert report["neighbouring_relation"] == acc.neighbouring_relation
 

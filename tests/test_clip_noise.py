@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels import clip_noise as cn  # noqa: E402
+from kernels import philox  # noqa: E402
 from ldm.errors import UserError  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -136,11 +137,12 @@ def test_reference_matches_per_example_loop(case):
     assert_rel_close(norms, want_norms, 1e-5)
 
 
-def test_reference_noise_is_a_seeded_generator_over_the_flattened_coordinates():
+def test_reference_noise_is_philox_over_the_flattened_coordinates():
     grads = make_grads(4, [(30,), (2, 5)])
-    out = reference(grads, 1.0, 2.0, 4.0, 1234)
+    key = 2**63 + 1234  # a 64-bit key: bits above 63 are used too
+    out = reference(grads, 1.0, 2.0, 4.0, key)
     total, _ = naive(grads, 1.0)
-    noise = torch.randn(40, generator=torch.Generator().manual_seed(1234))
+    noise = philox.randn(key, torch.arange(40))  # Triton's tl.randn(key, i), in plain torch
     assert_rel_close(out, (total + 2.0 * noise.double()) / 4.0, 1e-6)
 
 
@@ -267,6 +269,26 @@ def test_each_parameter_gets_its_own_noise_range(backend):
     assert abs(torch.corrcoef(torch.stack(two))[0, 1].item()) < 5 / math.sqrt(5000)
 
 
+@needs_kernel
+def test_kernel_and_reference_draw_the_same_noise_for_the_same_key():
+    grads = [torch.zeros(0, 3000), torch.zeros(0, 7, 11)]  # irregular sizes, two parameters
+    for key in (5, 2**32 + 5, 2**63 + 5, 2**64 - 1):
+        ours = flat(kernel(to(grads, KERNEL_DEVICE), 1.0, 1.5, 2.0, key)).cpu()
+        torch.testing.assert_close(ours, flat(reference(grads, 1.0, 1.5, 2.0, key)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_examples_with_non_finite_gradients_contribute_exactly_zero(backend):
+    grads = make_grads(5, [(40,), (3, 3)])
+    grads[0][1, 3], grads[1][3, 0, 2] = float("inf"), float("nan")  # examples 1 and 3
+    finite = [g[[0, 2, 4]] for g in grads]
+    dev = KERNEL_DEVICE if backend == "kernel" else "cpu"
+    out = flat(run(backend, to(grads, dev), 0.5, 1.0, 2.0, 9)).cpu()
+    want = flat(run(backend, to(finite, dev), 0.5, 1.0, 2.0, 9)).cpu()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_return_norms_matches_torch(backend):
     grads = make_grads(6, [(100,), (3, 7), (1,)])
@@ -287,8 +309,8 @@ BAD = [
     (dict(noise_std=-1.0), UserError, "noise_std must be a finite number >= 0"),
     (dict(noise_std=float("inf")), UserError, "noise_std"),
     (dict(divisor=0), UserError, "divisor must be a finite number > 0"),
-    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*63\)"),
-    (dict(seed=2**63), ValueError, "seed"),
+    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*64\)"),
+    (dict(seed=2**64), ValueError, "seed"),
     (dict(seed=1.5), ValueError, "seed"),
     (dict(grads=torch.ones(2, 3, 4)), ValueError, r"must be \(B, P\); got shape \(2, 3, 4\)"),
     (dict(grads=[torch.ones(2, 3), torch.ones(3, 3)]), ValueError, "batch size 3 but grads"),
