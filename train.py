@@ -205,13 +205,14 @@ def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
     print(f"pretrain: done, samples in {grid}")
 
 
-def write_samples(cfg, ae, unet, path, classes):
-    """A class-ordered grid of `grid_n` samples (DDIM, `sample_steps`, `eta`) from `unet`, seeded by the run."""
+def write_samples(cfg, ae, unet, path, classes, metadata=None):
+    """A class-ordered grid of `grid_n` samples (DDIM, `sample_steps`, `eta`) from `unet`, seeded by the run;
+    `metadata` (provenance: stage, DP or not, epsilon) goes into the PNG file itself."""
     labels = torch.arange(cfg.run.grid_n) % min(classes, 10)
     gen = torch.Generator().manual_seed(cfg.run.seed + 2)
     images = generate(ae, unet, build_diffusion(cfg), labels, latent_shape(cfg), cfg.diffusion.sample_steps,
                       cfg.diffusion.eta, gen)
-    return save_grid(images, path)
+    return save_grid(images, path, metadata)
 
 
 def run(argv=None):

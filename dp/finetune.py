@@ -263,8 +263,10 @@ def finish(run, log, write_samples, dist):
         return None
     report = privacy_report(run)
     write_report(run.out, report, log)
+    provenance = dict(stage="finetune", differentially_private=True, epsilon=report["epsilon"],
+                      delta=report["delta"], neighbouring_relation=report["neighbouring_relation"])
     grid = write_samples(run.cfg, run.ae, run.ema.eval(), os.path.join(run.out, "samples_finetune.png"),
-                         num_classes(run.cfg.data))
+                         num_classes(run.cfg.data), provenance)
     print(f"finetune: done, samples in {grid}")
     return report
 

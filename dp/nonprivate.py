@@ -73,7 +73,8 @@ def train_finetune_nonprivate(cfg, out, device, resume, log, write_samples, dist
             save(step + 1, done=False)
     save(steps, done=True)
     check_frozen(unet, ema, pretrained, task.params)
-    grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples_finetune_nonprivate.png"), data.num_classes)
+    grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples_finetune_nonprivate.png"), data.num_classes,
+                         dict(stage=STAGE, differentially_private=False, warning=WARNING))
     print(f"{STAGE}: done ({WARNING}); checkpoint {path}, samples in {grid}")
     return path
 

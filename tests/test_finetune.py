@@ -7,6 +7,7 @@ import re
 import shutil
 import warnings
 
+import PIL.Image
 import pytest
 import torch
 
@@ -166,6 +167,8 @@ def test_release_runs_store_no_secret_differ_and_name_the_os(pretrained, tmp_pat
     # two runs from the same pretrained model with the same configuration: different secrets, different models
     diff = [k for k in states[0]["unet"] if not torch.equal(states[0]["unet"][k], states[1]["unet"][k])]
     assert diff and all(k.startswith(("attn.", "class_embed.")) for k in diff)
+    grid = json.loads(PIL.Image.open(os.path.join(outs[0], "samples_finetune.png")).text["metadata"])
+    assert grid["differentially_private"] is True and grid["epsilon"] == states[0]["privacy_report"]["epsilon"]
     report = json.load(open(os.path.join(outs[0], "privacy_report.json")))
     assert "operating system" in report["noise_source"] and "add/remove" in report["neighbouring_relation"]
     assert "only secret" in report["threat_model"] and report["epsilon_add"] is not None

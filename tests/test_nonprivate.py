@@ -1,7 +1,9 @@
 """The non-private baseline stage: right gradient, same parameters as the DP stage, and never mistaken for DP."""
 
+import json
 import os
 
+import PIL.Image
 import pytest
 import torch
 
@@ -57,6 +59,8 @@ def test_stage_trains_only_the_dp_parameters_and_is_marked_not_private(pretraine
     assert state["stage"] == STAGE and state["differentially_private"] is False and "privacy" not in state
     for name in ("finetune.pt", "privacy_report.json", "privacy_ledger.jsonl"):
         assert not os.path.exists(os.path.join(out, name)), name  # nothing that looks like a DP result
+    grid = PIL.Image.open(os.path.join(out, "samples_finetune_nonprivate.png"))
+    assert json.loads(grid.text["metadata"])["differentially_private"] is False  # said in the file itself
     pre = load_checkpoint(os.path.join(out, "pretrain.pt"))[0]["ema"]
     selected = set(select_parameters(build_unet(make_config("smoke")), "decoder"))
     changed = {n for n, v in state["unet"].items() if not torch.equal(v, pre[n])}
