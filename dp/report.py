@@ -29,7 +29,7 @@ def privacy_report(run):
     n_train, share = trainable_share(run.task.unet, run.task.params)
     return dict(
         differentially_private=True, epsilon=eps.epsilon if eps else 0.0, delta=d.delta,
-        epsilon_remove=getattr(eps, "epsilon_remove", None), epsilon_add=getattr(eps, "epsilon_add", None),
+        epsilon_remove=eps.epsilon_remove if eps else None, epsilon_add=eps.epsilon_add if eps else None,
         directions=("epsilon is the larger of the two directions of add/remove: 'remove' (the neighbour lacks "
                     "the example) and 'add' (the neighbour has one more)"),
         sigma=mech.sigma, q=mech.q, steps=run.ledger.steps, steps_planned=run.steps, clip=mech.clip,

@@ -30,28 +30,34 @@ and a kernel draw the same DP noise for the same key. Triton 3.x semantics, read
   unused. Because of the clamp, |randn| <= sqrt(-2 log(1e-7)) = 5.68.
 
 Exactness: the integer part is exact on every backend. torch has no uint32 arithmetic, so words are
-int64 tensors holding [0, 2^32) and each 32x32 -> 64-bit product M * x is computed without overflow as
-p = x * (M - 2^32), exact in int64 since |p| < 2^62 (M > 2^31 for both multipliers); then
-M * x = p + x * 2^32, hence hi = (p >> 32) + x (arithmetic shift = floor) and lo = p mod 2^32.
-The float outputs: `uniform` equals `tl.rand` exactly (one int -> float32 conversion and one float32
-product, both correctly rounded everywhere). `randn` uses torch's float32 log / sqrt / cos, which differ
-from Triton's by rounding only: against the interpreter (numpy float32) over 2e5 draws the largest
-difference measured was 4.8e-7 absolute, 2 float32 ulps of the larger magnitude; the test allows
-|diff| <= 2e-6 + 1e-6 |x|. On a GPU Triton may use approximate log/cos/sqrt: same bound order, not
-measured here (no GPU).
+int64 tensors holding [0, 2^32), and no step relies on int64 overflow: each 32x32 -> 64-bit product M * x
+is p = x * (M - 2^32), exact in int64 since 2^32 - M < 2^30 for both multipliers, so |p| < 2^62; then
+M * x = p + x * 2^32, hence hi = (p >> 32) + x (torch's >> on int64 is arithmetic: floor) and
+lo = p mod 2^32 = p & 0xFFFFFFFF. `uniform` equals `tl.rand` bit for bit (one int -> float32 conversion
+and one float32 product, both correctly rounded on every backend; constants are pre-rounded to float32).
+`randn` uses torch's float32 log / sqrt / cos, which differ from Triton's in rounding only: against the
+interpreter (numpy float32), over 7.9e5 draws under 3 keys, 75% were identical and the largest
+difference was 4.8e-7, i.e. <= 5 float32 ulps of the larger magnitude and <= 1.6e-7 (1 + |x|); the tests
+allow 1e-6 (1 + |x|). Compiled Triton on a GPU may use faster log / cos / sqrt: not measured (no GPU).
 
 Not cryptographic: Philox is a counter-based generator with good statistical quality, not a stream
 cipher; whoever knows the key can regenerate (and subtract) the noise. The project derives each
-stream's 64-bit key from a 256-bit OS secret by SHA-256 (dp/randomness.py), so the key itself is the
-secret: never log or store it in a released artefact.
+stream's 64-bit key from a 256-bit OS secret by SHA-256 (HMAC-SHA256, dp/randomness.py), so the key
+itself is the secret: never log or store it in a released artefact. Keys are ints in [0, 2^64).
 
-Speed: the generator works in chunks of `_CPU_CHUNK` counters so its int64 buffers stay in cache
-(about 12 int64 passes per round, ~125 in all, no allocation inside the loop); for 4M counters on
-this project's 2-core CPU see the numbers in tests/test_philox.py's benchmark notes.
+Speed: the integer work runs on blocks of `_CPU_CHUNK` = 2^15 counters, whose six int64 buffers
+(1.5 MiB) stay in L2, in 12 int64 passes per round with no allocation inside the loop. torch runs an
+op on 2^15 elements on the calling thread (its grain size), so this part is single-threaded by design:
+splitting each op over 2 threads was 4-10x slower on the shared 2-core test machine (every op waits
+for the slower thread). randn's float math runs once over whole tensors, where torch may use threads.
+Measured for 4M (2^22) counters on that 2-core Xeon (AVX-512), `python -m kernels.philox`, best of 5
+while the other core was idle: randint4x 224 ms, uniform 172 ms, randn 197 ms with 1 thread; 224, 177
+and 220 ms with 2. While other users loaded the machine: 200-320 ms, either thread count.
 """
 
 import numbers
 import struct
+import time
 
 import torch
 
@@ -165,6 +171,23 @@ def _to_uniform_(x, scratch, out):
     return out
 
 
+def _box_muller_(u1, u2):
+    """Triton's pair_uniform_to_normal(u1, u2)[0], in place over whole tensors (float math parallelises well).
+
+    u1, u2: float32 (n,) in [0, 1). Returns u1, now sqrt(-2 log(max(u1, 1e-7))) cos(2 pi u2); clobbers u2.
+    """
+    radius = u1.clamp_min_(BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_()
+    return radius.mul_(u2.mul_(TWO_PI).cos_())
+
+
+def _gather(blocks, shape, device):
+    """The four output words of all blocks, as int64 tensors (*shape,)."""
+    outs = [torch.empty(shape, dtype=torch.int64, device=device) for _ in range(4)]
+    for start, stop, xs in blocks:
+        for out, x in zip(outs, xs):
+            out.view(-1)[start:stop].copy_(x)
+    return tuple(outs)
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -186,23 +209,15 @@ def philox4x32(key, c0, c1, c2, c3, rounds=10):
     rounds = _check_rounds(rounds)
     if any(bool(((c >> 32) != 0).any()) for c in words):
         raise ValueError("c0..c3 must hold 32-bit words, values in [0, 2**32); reduce them mod 2**32")
-    words = [w.reshape(-1) for w in torch.broadcast_tensors(*words)]  # (numel(S),) each, maybe stride 0
-    shape, device = torch.broadcast_shapes(*(c.shape for c in (c0, c1, c2, c3))), c0.device
+    words = torch.broadcast_tensors(*words)
+    shape, device = words[0].shape, c0.device
+    words = [w.reshape(-1) for w in words]  # (prod(S),) each
 
     def fill(start, stop, *c):
         for dst, src in zip(c, words):
             dst.copy_(src[start:stop])
 
     return _gather(_blocks(k0, k1, rounds, words[0].numel(), device, fill), shape, device)
-
-
-def _gather(blocks, shape, device):
-    """The four output words of all blocks, as int64 tensors (*shape,)."""
-    outs = [torch.empty(shape, dtype=torch.int64, device=device) for _ in range(4)]
-    for start, stop, xs in blocks:
-        for out, x in zip(outs, xs):
-            out.view(-1)[start:stop].copy_(x)
-    return tuple(outs)
 
 
 def randint4x(key, offsets, rounds=10):
@@ -230,6 +245,7 @@ def randn(key, offsets, rounds=10):
 
     n = sqrt(-2 log(max(u1, 1e-7))) cos(2 pi u2) with u1, u2 = `uniform` of words 0, 1 (Box and Muller
     1958, first output); equal to Triton's up to float32 rounding of log / sqrt / cos (module docstring).
+    Memory: two float32 tensors of offsets' size plus the fixed block buffers.
     """
     blocks = _offset_blocks(key, offsets, rounds)
     u1 = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
@@ -240,10 +256,20 @@ def randn(key, offsets, rounds=10):
     return _box_muller_(u1, u2)
 
 
-def _box_muller_(u1, u2):
-    """Triton's pair_uniform_to_normal(u1, u2)[0], in place over whole tensors (float math parallelises well).
+def _benchmark(n=1 << 22):
+    """Print the time of each generator for n counters, with 1 and 2 torch threads (numbers in the docstring)."""
+    offsets = torch.arange(n)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for fn in (randint4x, uniform, randn):
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fn(2 ** 63 + 12345, offsets)
+                times.append(time.perf_counter() - start)
+            print(f"{fn.__name__:9s} n={n} threads={threads}: {min(times) * 1e3:6.1f} ms "
+                  f"({n / min(times) / 1e6:5.1f} M counters/s)")
 
-    u1, u2: float32 (n,) in [0, 1). Returns u1, now sqrt(-2 log(max(u1, 1e-7))) cos(2 pi u2); clobbers u2.
-    """
-    radius = u1.clamp_min_(BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_()
-    return radius.mul_(u2.mul_(TWO_PI).cos_())
+
+if __name__ == "__main__":
+    _benchmark()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 from scipy import special
 
 from dp import accountant as acc
@@ -105,7 +106,7 @@ def test_add_prv_cdf_matches_monte_carlo(sigma, q):
     tolerance = 5 * np.sqrt(empirical * (1 - empirical) / n)  # 5 binomial standard deviations, <= 2.5e-3
     assert np.all(np.abs(acc.SubsampledGaussianAddPRV(q, sigma).cdf(t) - empirical) <= tolerance)
     # the test can tell the directions apart: the remove PRV's CDF misses by far more
-    remove = acc.PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
+    remove = PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
     with np.errstate(over="ignore"):
         assert np.max(np.abs(remove.cdf(t).astype(float) - empirical) / tolerance) > 10
 
@@ -114,14 +115,14 @@ def test_add_prv_cdf_matches_monte_carlo(sigma, q):
 def test_add_prv_tails_keep_relative_precision(sigma, q):
     prv = acc.SubsampledGaussianAddPRV(q, sigma)
     c = prv.loss_max
-    for d in (1e-3, 1e-6, 1e-9):  # P[c - d < Y <= c] = P[x < x_d]; a naive 1 - F(c - d) loses it
+    for d in (1e-3, 1e-6, 1e-9, 1e-12):  # P[c - d < Y <= c] = P[x < x_d]; a naive 1 - F(c - d) loses it
         t = c - d
         d = c - t  # the d that floating point represents
         x_d = sigma**2 * math.log(math.expm1(d) * (1 - q) / q) + 0.5
-        assert float(prv.probability(t, c)) == pytest.approx(special.ndtr(x_d / sigma), rel=1e-6)
+        assert float(prv.probability(t, c)) == pytest.approx(special.ndtr(x_d / sigma), rel=1e-6, abs=0)
     for t in (-5.0, -30.0):  # lower tail: P[Y <= t] = P[x >= x(t)], x(t) from the inverse of Y
         x_t = sigma**2 * math.log((math.exp(-t) - (1 - q)) / q) + 0.5
-        assert float(prv.cdf(t)) == pytest.approx(special.ndtr(-x_t / sigma), rel=1e-9)
+        assert float(prv.cdf(t)) == pytest.approx(special.ndtr(-x_t / sigma), rel=1e-9, abs=0)
     assert prv.cdf(c) == 1.0 and prv.probability(c, c + 1.0) == 0.0  # no mass at or above c
 
 
@@ -140,7 +141,7 @@ def test_add_composition_carries_the_exact_mean():
     # E[sum of the losses] = steps * KL(N(0, s^2) || mixture), the KL by a sum over x. prv-accountant's
     # own truncated mean (a quadrature over t that steps over the kink at c) is 7.5e-4 off here.
     sigma, q, steps = 1.0, 0.1, 100
-    composed = acc._add_direction_composition(sigma, q, steps, 1e-5)
+    composed = acc.add_direction_composition(sigma, q, steps, 1e-5, acc.PRV_EPS_ERROR, acc.PRV_DELTA_ERROR_FRACTION)
     x = np.linspace(-40 * sigma, 40 * sigma + 1, 4_000_001)
     weight = np.exp(-x**2 / (2 * sigma**2))
     kl = np.sum(_add_loss(sigma, q, x) * weight) / np.sum(weight)
@@ -159,15 +160,18 @@ def test_add_one_step_delta_is_hockey_stick_of_swapped_pair(sigma, q, epsilons):
     x = np.linspace(-14 * sigma, 14 * sigma + 1, 2_000_001)
     log_n0 = -x**2 / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi))
     log_mix = np.logaddexp(math.log1p(-q) + log_n0, math.log(q) + log_n0 + (2 * x - 1) / (2 * sigma**2))
-    composed = acc._add_direction_composition(sigma, q, 1, 1e-5)
+    dx = x[1] - x[0]
+    composed = acc.add_direction_composition(sigma, q, 1, 1e-5, acc.PRV_EPS_ERROR, acc.PRV_DELTA_ERROR_FRACTION)
     delta_error = 1e-5 * acc.PRV_DELTA_ERROR_FRACTION
     for eps in epsilons:
-        exact = _hockey_stick(log_n0, log_mix, eps, x[1] - x[0])  # P = N(0, s^2), Q = the mixture
+        exact = _hockey_stick(log_n0, log_mix, eps, dx)  # P = N(0, s^2), Q = the mixture
         assert composed.compute_delta_estimate(eps) == pytest.approx(exact, rel=2e-4, abs=1e-12)
         assert composed.compute_delta_estimate(eps + acc.PRV_EPS_ERROR) - delta_error <= exact
         assert exact <= composed.compute_delta_estimate(eps - acc.PRV_EPS_ERROR) + delta_error
-        assert _hockey_stick(log_mix, log_n0, eps, x[1] - x[0]) > 1.03 * exact + 1e-3  # remove differs
-    assert _hockey_stick(log_n0, log_mix, -math.log1p(-q) + 1e-3, x[1] - x[0]) == 0.0  # loss is < c
+        assert _hockey_stick(log_mix, log_n0, eps, dx) > 1.03 * exact + 1e-3  # the remove pair differs
+    above_c = -math.log1p(-q) + 0.02  # the add loss is below c = -log(1 - q): no delta beyond it
+    assert _hockey_stick(log_n0, log_mix, above_c, dx) == 0.0
+    assert abs(composed.compute_delta_estimate(above_c)) < 1e-12
 
 
 def _add_pld_epsilon_bounds(sigma, q, steps, delta, h=1e-4, floor=3.0, cells=2_000_000):
@@ -182,7 +186,8 @@ def _add_pld_epsilon_bounds(sigma, q, steps, delta, h=1e-4, floor=3.0, cells=2_0
     edges = np.linspace(-12 * sigma, 12 * sigma + 1, cells + 1)
     loss, mass = _add_loss(sigma, q, edges), np.diff(special.ndtr(edges / sigma))  # loss decreases in x
     k_floor, k_top = -math.ceil(floor / h), math.ceil(-math.log1p(-q) / h)
-    pess = np.bincount(np.maximum(np.ceil(loss[:-1] / h).astype(int), k_floor) - k_floor, mass, k_top - k_floor + 1)
+    k_pess = np.maximum(np.ceil(loss[:-1] / h).astype(int), k_floor)
+    pess = np.bincount(k_pess - k_floor, mass, k_top - k_floor + 1)
     pess[-1] += special.ndtr(edges[0] / sigma)
     pess[max(math.ceil(loss[-1] / h), k_floor) - k_floor] += special.ndtr(-edges[-1] / sigma)
     k_opt = np.floor(loss[1:] / h).astype(int)

@@ -290,6 +290,13 @@ def test_randn_clamps_u1_at_1e_minus_7():
     assert torch.allclose(philox.randn(0, offsets).double(), expected, rtol=0, atol=2e-6)
 
 
+def test_uniform_of_the_edge_words():
+    """Word -> float32 as Triton's uint_to_uniform_float: 0 and 2**32 - 1 give 0; the largest is 1 - 2**-24."""
+    words = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 2, 2 ** 32 - 1])
+    out = philox._to_uniform_(words.clone(), torch.empty_like(words), torch.empty(6))
+    assert out.tolist() == [0.0, philox.UNIFORM_SCALE, 1 - 2 ** -24, 1 - 2 ** -24, philox.UNIFORM_SCALE, 0.0]
+
+
 @pytest.mark.parametrize("bit", [32, 33, 62, 63])
 def test_keys_differing_in_one_high_bit_give_different_streams(bit):
     """Both 32-bit key words are used: a flip at bit 32 or above (key word k1) changes every draw."""
