@@ -1,4 +1,6 @@
-"""Poisson subsampling (the sampling the accountant assumes).
+"""Poisson subsampling (the sampling the accountant assumes): the rate q and the number of steps T.
+
+The sample itself is drawn from the run's secret by dp/randomness.py (`poisson_sample`).
 
 At every logical step each of the N private examples is included independently with probability q.
 The realised batch size is random; an empty sample is still a step (noise only). Batches are never
@@ -6,8 +8,6 @@ resampled, padded or truncated, and the number of steps is fixed before training
 """
 
 import math
-
-import torch
 
 from ldm.errors import UserError
 
@@ -26,11 +26,3 @@ def num_steps(epochs, q):
     if not (math.isfinite(epochs) and epochs > 0):
         raise UserError(f"--epochs must be a positive number, got {epochs}")
     return max(1, round(epochs / q))
-
-
-def poisson_sample(n, q, generator):
-    """Indices of the examples included at this step: each of range(n) independently with probability q.
-
-    generator: an explicit torch.Generator (seeded from the OS for a release run). Returns (b,) long, b ~ Bin(n, q).
-    """
-    return torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
