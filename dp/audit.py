@@ -1,17 +1,18 @@
 """Privacy audit: an empirical lower bound on epsilon from one DP fine-tuning run with canaries.
 
-    python -m dp.audit --preset smoke --out /tmp/audit                  # white-box gradient canaries
-    python -m dp.audit --preset smoke --out /tmp/audit --delta 1e-5     # a sharper bound (see `warning`)
-    python -m dp.audit --preset quick --out runs/quick --steps 200 --m 1000
+    python -m dp.audit --preset smoke --out /tmp/audit                  # example canaries (default)
+    python -m dp.audit --preset smoke --out /tmp/audit --delta 1e-6     # a sharper bound (see `warning`)
+    python -m dp.audit --preset quick --out runs/quick --m 1000
+    python -m dp.audit --preset smoke --out /tmp/audit --canary white   # one-coordinate gradient canaries
     python -m dp.audit --preset smoke --out /tmp/audit --canary black   # input canaries, weaker
 
 The one-run audit of Steinke, Nasr and Jagielski 2023 ("Privacy Auditing with One (1) Training Run"):
   1. m canaries, each included in the private set with probability 1/2, decided before training from
      the audit's own generator (--seed) and read only when the guesses are counted;
-  2. one DP fine-tuning run, built from the training stage's own functions: the same Poisson sampler and
-     rate q = expected_batch / N, where N counts the private examples and all m canaries; the same
-     `private_gradient` (clip, sum, noise once, divide by q N); the same sigma calibration for the steps
-     actually run (--steps shortens the run); `apply_update` and the learning-rate schedule;
+  2. DP steps built from the training stage's own functions: the same Poisson sampler and rate
+     q = expected_batch / N, where N counts the private examples and all m canaries; the same
+     `private_gradient` of dp/step.py (clip, sum, noise once, divide by q N); the same sigma calibration
+     for the steps each canary takes part in (--steps);
   3. a score per canary, from what the run released; guess "in" for the k highest scores and "out" for
      the k lowest, count the correct guesses v out of r = 2k;
   4. the empirical lower bound is the largest epsilon for which an (epsilon, delta)-DP run would get v or
@@ -20,28 +21,32 @@ The command runs the public stages first if they are missing in --out, prints on
 writes it to <out>/audit.json and exits 0 ("consistent": bound <= accounted epsilon) or 1 ("inconsistent").
 
 Canaries (`--canary`):
+  example  (default) real examples through the default step (dp/canaries.py): uniform-noise images with
+         random labels, encoded and appended to the private set, one canary per logical step (--steps each,
+         default 1; parallel composition). Clipped by the configured --grad-method, book-keeping by default,
+         so a clipping bug there reaches them. Scores: the released gradient projected on the canary's own
+         gradient recomputed by plain autograd and clipped jointly ("joint") or tensor by tensor ("tensor").
   white  a canary is a per-example gradient, a one-hot of value CANARY_GRADIENT * C on its own coordinate
-         of the trainable attention parameters, passed as `extra_grads` to `private_gradient`, so it is
-         clipped to C with the real examples (a run whose clipping is broken lets 4 C through). The
-         coordinates are drawn (seeded) among those that no data can reach: cross-attention to one context
-         token has a constant softmax, so its to_q, to_k and the norm2 before it get exactly zero gradient
-         (`untouched_coordinates`). The score then sees only the canary and the mechanism's noise, the
-         worst case the accountant assumes. Score: the sum over steps of the noisy gradient at the canary's
-         coordinate, in units of one clipped canary (C / (q N)). This is the DP output the optimiser
-         receives; with AdamW the parameter change is a nonlinear function of it, so the audit scores the
-         released gradient, not the weights.
-  black  a canary is a uniform-noise image with a random label, added to the private set; score: minus its
-         diffusion loss under the fine-tuned UNet, mean over SCORE_DRAWS fixed (t, noise) draws.
+         of the trainable attention parameters, passed as `extra` to `private_gradient` after the vmap
+         path's `clip_and_noise` clipped it to C, in one run of --steps steps (default: the configuration's)
+         with the real examples. The coordinates are drawn (seeded) among those that no data can reach:
+         cross-attention to one context token has a constant softmax, so its to_q, to_k and the norm2 before
+         it get exactly zero gradient (`untouched_coordinates`). The score then sees only the canary and the
+         mechanism's noise. Score: the sum over steps of the noisy gradient at the canary's coordinate, in
+         units of one clipped canary (C / (q N)): the DP output the optimiser receives (with AdamW the
+         parameter change is a nonlinear function of it, so the audit scores the released gradient).
+  black  a canary is a uniform-noise image with a random label, added to the private set for one run;
+         score: minus its diffusion loss under the fine-tuned UNet, mean over SCORE_DRAWS fixed (t, noise) draws.
 
 Guarantees: if the run is (epsilon, delta)-DP for add/remove-one neighbours, the chance that the
-reported bound exceeds epsilon is at most `level` (the choice of k among GUESS_FRACTIONS is paid for by
-Bonferroni: each is tested at level / len(GUESS_FRACTIONS)). A bound above the accounted epsilon is
+reported bound exceeds epsilon is at most `level` (the choice of the score and of k among GUESS_FRACTIONS
+is paid for by Bonferroni: each pair is tested at level / the number of pairs). A bound above the accounted epsilon is
 therefore evidence, at that level, of a bug in clipping, noise, sampling or accounting.
 Not proven: a bound below the accounted epsilon does not show that the run is private. The one-run bound
 is far from tight (a correct run at epsilon 10 typically audits below 1); it checks only the mechanism the
 canaries pass through, with these hyperparameters, not leaks outside it (data loading, checkpoints, logs,
-hyperparameter search), not real examples' gradients (the canaries' are synthetic), not the
-floating-point noise sampler.
+hyperparameter search), not the floating-point noise sampler. Example canaries are uniform-noise images, not
+private-looking ones; white-box gradient canaries skip the per-example gradient path altogether.
 """
 
 import argparse
@@ -59,6 +64,7 @@ from tqdm import tqdm
 
 import train
 from dp.accountant import compute_epsilon, neighbouring_relation
+from dp.canaries import SCORES, example_canary_scores, input_canaries
 from dp.finetune import check_clip_backend, encode_private, load_pretrained, privacy_plan, private_task
 from dp.per_sample import per_sample_grads
 from dp.randomness import poisson_sample, run_secret
@@ -67,11 +73,11 @@ from dp.step import Mechanism, apply_update, make_optimizer, private_gradient
 from kernels.clip_noise import clip_and_noise
 from ldm.checkpoint import atomic_write_json
 from ldm.config import PRESETS, add_config_flags, make_config, overrides_from_args
-from ldm.data import ImageSet, check_pair, load_dataset
+from ldm.data import check_pair, load_dataset
 from ldm.errors import UserError
 from ldm.runtime import MetricsLog, latent_shape, lr_at, pick_device, prepare_out, stage_path
 
-CANARY_KINDS = ("white", "black")
+CANARY_KINDS = ("example", "white", "black")
 GUESS_FRACTIONS = (0.05, 0.1, 0.2)  # k = fraction * m guesses on each side, fixed in advance (Bonferroni)
 CANARY_GRADIENT = 4.0  # a white-box canary's gradient norm before clipping, in units of C
 SCORE_DRAWS = 16  # (t, noise) draws per black-box canary
@@ -137,20 +143,24 @@ def count_correct(scores, included, k):
 
 
 def one_run_bound(scores, included, delta, level, fractions=GUESS_FRACTIONS):
-    """The audit's result: the best bound over k = fraction * m, each tested at level / len(fractions).
+    """The audit's result: the best bound over k = fraction * m and over the scores, each (score, k) pair
+    tested at level / (number of pairs) (Bonferroni). scores: (m,) or {name: (m,)}, fixed before training.
 
-    Returns a dict: epsilon_lower_bound, guesses (r), correct_guesses (v), k, and every k tried.
+    Returns a dict: epsilon_lower_bound, guesses (r), correct_guesses (v), k, score, and every pair tried.
     """
-    m = len(scores)
+    scores = scores if isinstance(scores, dict) else {"score": scores}
+    tests = len(fractions) * len(scores)
     tried = []
-    for f in fractions:
-        k = min(max(1, round(f * m)), m // 2)
-        v = count_correct(scores, included, k)
-        tried.append(dict(k=k, guesses=2 * k, correct_guesses=v,
-                          bound=epsilon_lower_bound(2 * k, v, m, delta, level / len(fractions))))
+    for name, s in scores.items():
+        m = len(s)
+        for f in fractions:
+            k = min(max(1, round(f * m)), m // 2)
+            v = count_correct(s, included, k)
+            tried.append(dict(score=name, k=k, guesses=2 * k, correct_guesses=v,
+                              bound=epsilon_lower_bound(2 * k, v, m, delta, level / tests)))
     best = max(tried, key=lambda t: (t["bound"], t["correct_guesses"] / t["guesses"]))
     return dict(epsilon_lower_bound=best["bound"], guesses=best["guesses"], correct_guesses=best["correct_guesses"],
-                k=best["k"], tried=tried, bonferroni_level=level / len(fractions))
+                k=best["k"], score=best["score"], tried=tried, bonferroni_level=level / tests)
 
 
 # ---- Canaries ---------------------------------------------------------------------------------
@@ -219,13 +229,6 @@ def canary_gradients(coords, present, shapes, value, device):
             grads.append(g.view(len(present), *shape))
         start += size
     return grads
-
-
-def input_canaries(m, like, generator):
-    """Black-box canaries: m uniform-noise images of the private set's shape with random labels."""
-    x = torch.randint(0, 256, (m, *like.x.shape[1:]), generator=generator, dtype=torch.uint8)
-    y = torch.randint(0, like.num_classes, (m,), generator=generator)
-    return ImageSet("canaries", x, y, like.num_classes)
 
 
 @torch.no_grad()
@@ -301,57 +304,81 @@ def train_with_canaries(task, n_real, included, coords, d, q, steps, sigma):
     return scores if coords is not None else None
 
 
-def run_audit(cfg, out, device, m=500, canary="white", steps=None, level=0.05):
+def append_canaries(task, ae, images, device):
+    """Append the canary images, encoded by the frozen autoencoder, to the task's latents and labels."""
+    task.latents = tuple(torch.cat(pair) for pair in zip(task.latents, encode_private(ae, images, device)))
+    task.labels = torch.cat([task.labels, images.y.to(device)])
+
+
+CANARY_TEXT = {
+    "example": "white-box example canaries: uniform-noise images with random labels through the default DP step, "
+               "one canary per step (dp/canaries.py)",
+    "white": "white-box gradient canaries: a gradient of norm {g:g} C on one coordinate, clipped with the real "
+             "examples; {u} of the {m} coordinates are untouched by data",
+    "black": "black-box: uniform-noise images with random labels in the private set"}
+SCORE_TEXT = {
+    "example": "the released gradient projected on the canary's own gradient, clipped jointly (score joint) or "
+               "tensor by tensor (score tensor), summed over its steps, in units of the noise's sigma C",
+    "white": "sum over steps of the noisy gradient at the canary's coordinate, in units of C / (q N)",
+    "black": f"minus the diffusion loss, mean over {SCORE_DRAWS} (t, noise) draws"}
+
+
+def run_audit(cfg, out, device, m=500, canary="example", steps=None, level=0.05):
     """Fine-tune the pretrained model in `out` with m canaries and audit it. Returns the report (a dict).
 
     The public stages must be finished in `out`; nothing is written there. Seeds: cfg.run.seed draws the
     canaries (inclusion, coordinates or images, score draws); the DP noise and sampling come from the
-    OS, or from --noise-seed for reproducible experiments.
+    OS, or from --noise-seed for reproducible experiments. Example canaries take `steps` steps each
+    (default 1); the other kinds share one run of `steps` steps (default: the configuration's).
     """
     d, started = cfg.dp, time.time()
     check_audit_args(m, canary, level, steps)
     check_clip_backend(d.clip_backend, device)
     data = load_dataset(cfg.data.private, cfg.data, "private")
     n_real = len(data)
+    if canary == "example" and steps is None:
+        steps = 1
     q, steps, sigma = audit_plan(d, n_real + m, m, steps)  # every input checked before training
     ae, unet = load_pretrained(cfg, out, device)
     task = private_task(cfg, ae, unet, data, device)
     # the secret: which canaries are in the data set, drawn before training, read only by `one_run_bound`
     included = torch.rand(m, generator=audit_generator(cfg.run.seed, "inclusion")) < 0.5
-    coords, untouched = None, 0
+    untouched = 0
     if canary == "white":
         coords, untouched = canary_coordinates(unet, task.diffusion, task.params, cfg, m,
                                                audit_generator(cfg.run.seed, "coordinates"))
+        scores = train_with_canaries(task, n_real, included, coords, d, q, steps, sigma)
     else:
-        images = input_canaries(m, data, audit_generator(cfg.run.seed, "images"))
-        task.latents = tuple(torch.cat(pair) for pair in zip(task.latents, encode_private(ae, images, device)))
-        task.labels = torch.cat([task.labels, images.y.to(device)])
-    scores = train_with_canaries(task, n_real, included, coords, d, q, steps, sigma)
+        append_canaries(task, ae, input_canaries(m, data, audit_generator(cfg.run.seed, "images")), device)
+    if canary == "example":
+        mech = Mechanism(q, d.clip, sigma, q * (n_real + m))
+        scores = example_canary_scores(task, n_real, included, mech, run_secret(d.noise_seed), steps)
     if canary == "black":
+        train_with_canaries(task, n_real, included, None, d, q, steps, sigma)
         scores = loss_scores(unet.eval(), task.diffusion, task.latents[0][n_real:], task.labels[n_real:],
                              audit_generator(cfg.run.seed, "score"))
     accounted = compute_epsilon(sigma, q, steps, d.delta)
     result = one_run_bound(scores, included, d.delta, level)
-    where = (f"white-box: a gradient of norm {CANARY_GRADIENT:g} C on one coordinate, clipped with the real "
-             f"examples; {untouched} of the {m} coordinates are untouched by data" if canary == "white"
-             else "black-box: uniform-noise images with random labels in the private set")
-    report = audit_report(cfg, accounted, result, level, m, int(included.sum()), where, sigma, q, steps, n_real)
+    where = CANARY_TEXT[canary].format(g=CANARY_GRADIENT, u=untouched, m=m)
+    report = audit_report(cfg, accounted, result, level, m, int(included.sum()), canary, where, sigma, q, steps,
+                          n_real)
     return dict(report, seconds=round(time.time() - started, 1))
 
 
-def audit_report(cfg, accounted, result, level, m, n_included, canary, sigma, q, steps, n_real):
+def audit_report(cfg, accounted, result, level, m, n_included, kind, canary, sigma, q, steps, n_real):
     """The audit as a flat dict: the verdict, both epsilons, the guesses and the run's mechanism."""
     d = cfg.dp
     bound = result["epsilon_lower_bound"]
-    white = canary.startswith("white")
     return dict(
         verdict="consistent" if bound <= accounted.epsilon else "inconsistent",
         accounted_epsilon=accounted.epsilon, empirical_epsilon_lower_bound=bound, delta=d.delta, level=level,
-        m=m, guesses=result["guesses"], correct_guesses=result["correct_guesses"], canaries_included=n_included,
-        guess_sets=result["tried"], bonferroni_level=result["bonferroni_level"], canary=canary,
-        score=("sum over steps of the noisy gradient at the canary's coordinate, in units of C / (q N)" if white
-               else f"minus the diffusion loss, mean over {SCORE_DRAWS} (t, noise) draws"),
-        target_epsilon=d.epsilon, accountant=accounted.accountant, sigma=sigma, q=q, steps=steps, clip=d.clip,
+        m=m, guesses=result["guesses"], correct_guesses=result["correct_guesses"], best_score=result["score"],
+        canaries_included=n_included, guess_sets=result["tried"], bonferroni_level=result["bonferroni_level"],
+        canary=canary, score=SCORE_TEXT[kind],
+        target_epsilon=d.epsilon, accountant=accounted.accountant, sigma=sigma, q=q, clip=d.clip,
+        steps=steps, steps_run=steps * m if kind == "example" else steps,
+        accounted_for=("each canary: its own steps (parallel composition)" if kind == "example"
+                       else "every example: all the steps"),
         n_private=n_real, n_with_canaries=n_real + m, neighbouring_relation=neighbouring_relation,
         sampling="Poisson, canaries and examples alike with rate q", preset=cfg.preset,
         noise_source="operating system" if d.noise_seed is None else f"fixed seed {d.noise_seed} (experiments only)",
@@ -372,8 +399,10 @@ def parse_args(argv):
                                                            "(sigma is calibrated for them)")
     p.add_argument("--m", type=int, default=500, help="number of canaries (each in with probability 1/2)")
     p.add_argument("--level", type=float, default=0.05, help="significance level of the bound")
-    p.add_argument("--canary", default="white", choices=CANARY_KINDS, help="white-box gradient canaries "
-                                                                           "or black-box input canaries")
+    p.add_argument("--canary", default="example", choices=CANARY_KINDS,
+                   help="example: white-box canaries that are real examples through the default DP step, one per "
+                        "step (default); white: white-box one-coordinate gradient canaries in one shared run; "
+                        "black: black-box input canaries scored by their loss")
     p.add_argument("--check-sensitivity", action="store_true",
                    help="instead of the audit: check that adding one example changes the clipped sum by at most C "
                         "(dp/sensitivity.py), on the pretrained model in --out if there is one, else on the "

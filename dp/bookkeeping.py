@@ -6,18 +6,19 @@ module computes exactly the same quantity, sum_i min(1, C / (||g_i|| + EPS)) g_i
 one backward pass of the micro-batch (Bu et al. 2023, "Differentially private optimization on large
 model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
 
-  1. forward with hooks that keep, for every module owning a selected parameter, its input a and output;
-  2. one backward to those outputs only (no weight gradients): the output gradient d of each example
-     depends on that example alone, because no layer of the UNet mixes examples (GroupNorm/LayerNorm
-     are per example; there is no BatchNorm: `check_supported` refuses modules it does not know);
-  3. each example's squared gradient norm, layer by layer: for a Linear layer the per-sample weight
-     gradient is d_i^T a_i, whose squared norm is sum((a_i a_i^T) * (d_i d_i^T)) ("ghost norm", cheap for
-     few tokens) or, when that is dearer, the norm of d_i^T a_i built for a few examples at a time;
-     norms, biases, the class embedding: their small per-sample gradients are formed directly;
-  4. the clip factors c_i = min(1, C / (||g_i|| + EPS)), with EPS and the formula of kernels/clip_noise.py;
+  1-2. `_capture`: a forward with hooks that keep, for every module owning a selected parameter, its input a
+     and output; one backward to those outputs only (no weight gradients). The output gradient d of each
+     example depends on that example alone, because no layer of the UNet mixes examples (GroupNorm and
+     LayerNorm are per example; there is no BatchNorm: `check_supported` refuses modules it does not know);
+  3. `tensor_sq_norms`: each example's squared gradient norm, tensor by tensor. For a Linear layer the
+     per-sample weight gradient is d_i^T a_i, whose squared norm is sum((a_i a_i^T) * (d_i d_i^T)) ("ghost
+     norm", cheap for few tokens) or, when that is dearer, the norm of d_i^T a_i built for a few examples at
+     a time; norms, biases, the class embedding: their small per-sample gradients are formed directly;
+  4. `tensor_factors`: ONE clip factor per example over all tensors jointly, c_i = min(1, C / (||g_i|| + EPS)),
+     ||g_i||^2 the sum of every tensor's term (`joint_norms`), with EPS and the formula of kernels/clip_noise.py;
      an example whose norm is not finite gets c_i = 0 and its activations and output gradients are zeroed,
      so that it contributes exactly zero (never 0 x inf = NaN);
-  5. the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
+  5. `_layer_sums`: the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
 
 Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
 called at most once per forward (a module not called has a zero gradient). Anything else raises
@@ -117,10 +118,9 @@ def _drop_examples(layers, small, keep):
             ps[k] = zeroed(ps[k])
 
 
-def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
-    """sum_i min(1, C / (||g_i|| + EPS)) g_i over the b examples, g_i the gradient of example i's diffusion
-    loss w.r.t. all selected parameters jointly. Returns ([fp32 tensor per parameter in `params` order], norms (b,)).
-    """
+def _capture(unet, diffusion, params, z0, y, t, noise):
+    """Step 1-2: one forward with hooks and one backward to the hooked outputs. Returns the layers that ran, each
+    holding its input a and output gradient d (`layer.d`), and the layers off the forward path (zero gradient)."""
     layers = [_Layer(m, chosen) for m, chosen in owners(unet, params)]
     handles = [layer.module.register_forward_hook(layer.hook) for layer in layers]
     try:
@@ -129,53 +129,84 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     finally:
         for h in handles:
             h.remove()
-    unused = [layer for layer in layers if not layer.calls]  # not on the forward path: zero gradient
+    unused = [layer for layer in layers if not layer.calls]
     layers = [layer for layer in layers if layer.calls]
     for layer in layers:
         if len(layer.calls) != 1:
             raise Unsupported(f"book-keeping clipping needs each selected module called at most once per forward; "
-                                      f"{type(layer.module).__name__} owning {next(iter(layer.chosen.values()))} "
-                                      f"was called {len(layer.calls)} times; use --grad-method vmap")
-    outputs = [layer.calls[0][1] for layer in layers]
-    grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
-
-    b = len(z0)
-    sq = torch.zeros(b, dtype=torch.float32, device=z0.device)
-    small = []  # per layer: {local: per-sample gradient}
+                              f"{type(layer.module).__name__} owning {next(iter(layer.chosen.values()))} "
+                              f"was called {len(layer.calls)} times; use --grad-method vmap")
+    grads_out = torch.autograd.grad(losses.sum(), [layer.calls[0][1] for layer in layers], allow_unused=True)
     for layer, d in zip(layers, grads_out):
-        d = torch.zeros_like(layer.calls[0][1]) if d is None else d.float()
-        layer.d = d
+        layer.d = torch.zeros_like(layer.calls[0][1]) if d is None else d.float()
+    return layers, unused
+
+
+def tensor_sq_norms(layers):
+    """Step 3: ({full name: (b,) squared norm of each example's gradient of that tensor}, [per-layer small
+    per-sample gradients {local name: (b, ...)}]), one entry per selected tensor on the forward path."""
+    sq, small = {}, []
+    for layer in layers:
+        m, a, d = layer.module, layer.calls[0][0], layer.d
         ps = layer.per_sample(d)
         small.append(ps)
-        for g in ps.values():
-            sq += g.flatten(1).square().sum(1)
-        m, a = layer.module, layer.calls[0][0]
+        for local, g in ps.items():
+            sq[layer.chosen[local]] = g.flatten(1).square().sum(1)
         if isinstance(m, nn.Linear) and "weight" in layer.chosen:
-            sq += _linear_weight_sq_norms(_tokens(a.float()), _tokens(d))
+            sq[layer.chosen["weight"]] = _linear_weight_sq_norms(_tokens(a.float()), _tokens(d))
         if isinstance(m, nn.Embedding):
-            sq += d.flatten(1).square().sum(1)  # example i's gradient is d_i in row y_i, zero elsewhere
-    norms = sq.sqrt()
+            sq[layer.chosen["weight"]] = d.flatten(1).square().sum(1)  # example i's gradient: d_i in row y_i
+    return sq, small
+
+
+def joint_norms(sq):
+    """Each example's gradient norm over ALL selected tensors jointly: sqrt of the sum of every tensor's term."""
+    return torch.stack(list(sq.values())).sum(0).sqrt()
+
+
+def tensor_factors(sq, clip):
+    """Step 4: {full name: (b,) clip factor}, the SAME joint factor min(1, C / (||g_i|| + EPS)) for every tensor
+    (clipping each tensor on its own would let up to sqrt(#tensors) C through), and the joint norms (b,)."""
+    norms = joint_norms(sq)
     factor = clip_factors(norms, clip)
+    return {name: factor for name in sq}, norms
+
+
+def _layer_sums(layer, ps, factors):
+    """Step 5 for one layer: {full name: sum_i c_i g_i} of its selected tensors."""
+    m, a, d = layer.module, layer.calls[0][0], layer.d
+    out = {}
+    for local, full in layer.chosen.items():
+        factor = factors[full]
+        if local in ps:
+            out[full] = factor @ ps[local].flatten(1)
+        elif isinstance(m, nn.Linear):  # weight: sum_i c_i d_i^T a_i, scaling the narrower of d and a
+            a2, d2 = _tokens(a.float()), _tokens(d)
+            if d2.shape[-1] <= a2.shape[-1]:
+                d2 = d2 * factor.view(-1, 1, 1)
+            else:
+                a2 = a2 * factor.view(-1, 1, 1)
+            out[full] = d2.flatten(0, 1).T @ a2.flatten(0, 1)
+        else:  # Embedding: example i adds c_i d_i to row y_i
+            cd = d * factor.view(-1, 1)
+            out[full] = torch.zeros_like(m.weight, dtype=torch.float32).index_add_(0, a.flatten(), cd)
+    return out
+
+
+def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
+    """sum_i min(1, C / (||g_i|| + EPS)) g_i over the b examples, g_i the gradient of example i's diffusion
+    loss w.r.t. all selected parameters jointly. Returns ([fp32 tensor per parameter in `params` order], norms (b,)).
+    """
+    layers, unused = _capture(unet, diffusion, params, z0, y, t, noise)
+    out = {full: torch.zeros(params[full].shape, device=z0.device) for layer in unused for full in layer.chosen.values()}
+    if not layers:  # nothing selected lies on the forward path: every gradient is zero
+        return [out[n] for n in params], torch.zeros(len(z0), device=z0.device)
+    sq, small = tensor_sq_norms(layers)
+    factors, norms = tensor_factors(sq, clip)
     finite = torch.isfinite(norms)
     if not bool(finite.all()):
         _drop_examples(layers, small, finite)
-
-    out = {full: torch.zeros(params[full].shape, device=z0.device)
-           for layer in unused for full in layer.chosen.values()}
     for layer, ps in zip(layers, small):
-        m, a, d = layer.module, layer.calls[0][0], layer.d
-        for local, full in layer.chosen.items():
-            if local in ps:
-                out[full] = factor @ ps[local].flatten(1)
-            elif isinstance(m, nn.Linear):  # weight: sum_i c_i d_i^T a_i, scaling the narrower of d and a
-                a2, d2 = _tokens(a.float()), _tokens(d)
-                if d2.shape[-1] <= a2.shape[-1]:
-                    d2 = d2 * factor.view(-1, 1, 1)
-                else:
-                    a2 = a2 * factor.view(-1, 1, 1)
-                out[full] = d2.flatten(0, 1).T @ a2.flatten(0, 1)
-            else:  # Embedding: example i adds c_i d_i to row y_i
-                cd = d * factor.view(-1, 1)
-                out[full] = torch.zeros_like(m.weight, dtype=torch.float32).index_add_(0, a.flatten(), cd)
+        out.update(_layer_sums(layer, ps, factors))
         layer.calls, layer.d = [], None
     return [out[n].reshape(p.shape) for n, p in params.items()], norms

@@ -20,6 +20,7 @@ from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMec
 from scipy import special
 
 from dp import accountant as acc
+from dp import rdp
 from ldm.errors import UserError
 
 # (sigma, q, steps, delta, PRV estimate, RDP epsilon), FACTS.md "Privacy accounting numbers".
@@ -260,38 +261,38 @@ def _log_a_by_quadrature(q: float, sigma: float, alpha: float) -> float:
 @pytest.mark.parametrize("alpha", [2, 3, 10, 1.1, 2.5, 7.3])
 def test_rdp_one_step_matches_quadrature(q, sigma, alpha):
     # compared as log A_alpha = (alpha - 1) * rdp: the quadrature is good to about 1e-11 absolute there
-    log_a = (alpha - 1) * acc._rdp_one_step(q, sigma, alpha)
+    log_a = (alpha - 1) * rdp.rdp_one_step(q, sigma, alpha)
     assert log_a == pytest.approx(_log_a_by_quadrature(q, sigma, alpha), rel=1e-7, abs=1e-9)
 
 
 @pytest.mark.parametrize("alpha", [2, 3, 6])
 def test_fractional_series_agrees_with_integer_formula_at_integers(alpha):
     q, sigma = 0.05, 0.8
-    exact = acc._log_a_integer(q, sigma, alpha)
+    exact = rdp._log_a_integer(q, sigma, alpha)
     for nearby in (alpha - 1e-9, alpha + 1e-9):
-        assert acc._log_a_fractional(q, sigma, nearby) == pytest.approx(exact, rel=1e-6)
+        assert rdp._log_a_fractional(q, sigma, nearby) == pytest.approx(exact, rel=1e-6)
 
 
 def test_rdp_special_cases_follow_closed_forms():
-    assert acc._rdp_one_step(1.0, 2.0, 5.0) == pytest.approx(5.0 / 8.0)  # Gaussian: alpha / (2 s^2)
-    assert acc._rdp_one_step(0.0, 2.0, 5.0) == 0.0
-    assert acc._rdp_one_step(0.1, 0.0, 5.0) == math.inf
+    assert rdp.rdp_one_step(1.0, 2.0, 5.0) == pytest.approx(5.0 / 8.0)  # Gaussian: alpha / (2 s^2)
+    assert rdp.rdp_one_step(0.0, 2.0, 5.0) == 0.0
+    assert rdp.rdp_one_step(0.1, 0.0, 5.0) == math.inf
 
 
 @pytest.mark.parametrize("x", [-3.0, 0.0, 4.0, 24.9, 25.0, 25.5, 26.0, 26.5])
 def test_log_erfc_matches_math_erfc_where_representable(x):
-    assert acc._log_erfc(x) == pytest.approx(math.log(math.erfc(x)), rel=1e-12, abs=1e-15)
+    assert rdp._log_erfc(x) == pytest.approx(math.log(math.erfc(x)), rel=1e-12, abs=1e-15)
 
 
 def test_log_erfc_stays_finite_beyond_underflow():
     assert math.erfc(40.0) == 0.0
-    assert acc._log_erfc(40.0) == pytest.approx(-1600 - math.log(40 * math.sqrt(math.pi)), rel=1e-6)
+    assert rdp._log_erfc(40.0) == pytest.approx(-1600 - math.log(40 * math.sqrt(math.pi)), rel=1e-6)
 
 
 def test_rdp_to_epsilon_is_balle_conversion():
-    alpha, rdp, delta = 8.0, 0.7, 1e-5
-    expected = rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
-    assert acc._rdp_to_epsilon([rdp, 50.0], [alpha, 2.0], delta) == pytest.approx(expected)
+    alpha, r, delta = 8.0, 0.7, 1e-5
+    expected = r + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+    assert rdp.rdp_to_epsilon([r, 50.0], [alpha, 2.0], delta) == pytest.approx(expected)
 
 
 # ---- monotonicity --------------------------------------------------------------------------------

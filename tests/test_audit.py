@@ -12,21 +12,23 @@ from fractions import Fraction
 import pytest
 import torch
 
+import dp.bookkeeping as bk
 import dp.step
-from dp import audit
+from dp import audit, canaries
 from dp.accountant import compute_epsilon
-from dp.finetune import encode_private, load_pretrained
+from dp.finetune import encode_private, load_pretrained, private_task
 from dp.per_sample import per_sample_grads
 from dp.select import select_parameters
-from kernels.clip_noise import clip_and_noise
+from dp.randomness import seeded_secret
+from kernels.clip_noise import clip_and_noise, clip_factors
 from ldm.config import make_config
 from ldm.data import load_dataset
 from ldm.runtime import build_diffusion
 
-# smoke model, 64 fake images per set: the public stages and each audited run take seconds
-TINY = ["--preset", "smoke", "--ae-steps", "10", "--pretrain-steps", "10", "--fake-n", "64",
+# smoke model (its 60 + 60 public steps), 64 fake images per set: each audited run takes seconds
+TINY = ["--preset", "smoke", "--fake-n", "64",
         "--ckpt-every", "4", "--log-every", "4", "--noise-seed", "3", "--delta", "1e-5"]
-BASE = {"ae_steps": 10, "pretrain_steps": 10, "fake_n": 64, "noise_seed": 3, "delta": 1e-5}
+BASE = {"fake_n": 64, "noise_seed": 3, "delta": 1e-5}
 N_REAL = 64
 
 
@@ -239,3 +241,64 @@ def test_bad_audit_input_is_refused_with_one_line(cli_run, tmp_path, capsys, fla
     err = [line for line in captured.err.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0] and captured.out == ""
     assert not os.path.exists(os.path.join(out, "audit.json"))
+
+
+# ---- Example canaries: real examples through the default book-keeping step (dp/canaries.py) ----------
+
+EXAMPLE = dict(epsilon=2.0, clip=1e-3, dp_blocks="up1_1")  # the paper's C; one block (see README: audit)
+DOMINANT = "attn.up1_1.proj_out.weight"  # carries ~99% of a canary's gradient norm in that block
+
+
+def test_reference_direction_is_what_the_correct_step_releases_for_one_example(cli_run):
+    cfg = make_config("smoke", {**BASE, **EXAMPLE})
+    ae, unet = load_pretrained(cfg, cli_run[0], torch.device("cpu"))
+    data = load_dataset("fake", cfg.data, "private")
+    task = private_task(cfg, ae, unet, data, torch.device("cpu"))
+    secret = seeded_secret(5, "test")
+    mech = dp.step.Mechanism(1.0, cfg.dp.clip, 0.0, 1.0)
+    for i in (0, 7):
+        idx = torch.tensor([i])
+        released = torch.cat([g.flatten() for g in dp.step.private_gradient(task, mech, secret, 3, idx)]).double()
+        joint, tensor = canaries.reference_directions(task, cfg.dp.clip, dp.step.example_inputs(task, secret, 3, idx))
+        torch.testing.assert_close(released, joint, rtol=1e-4, atol=1e-9)
+        assert joint.norm() == pytest.approx(cfg.dp.clip, rel=1e-6)  # clipped: the norm is far above 1e-3
+        assert tensor.norm() > 2 * cfg.dp.clip  # several tensors each at C
+
+
+def test_without_noise_example_canary_scores_are_one_per_sampling_of_an_included_canary(cli_run, monkeypatch):
+    real = dp.step.gaussian_noise
+    monkeypatch.setattr(dp.step, "gaussian_noise", lambda shapes, std, key, **k: real(shapes, 0.0, key, **k))
+    seen, real_bound = {}, audit.one_run_bound
+    monkeypatch.setattr(audit, "one_run_bound", lambda s, inc, d, lv: seen.update(s=s, inc=inc) or real_bound(s, inc, d, lv))
+    m = 200
+    report = audited(cli_run[0], m, None, canary="example", expected_batch=(N_REAL + m) // 2, **EXAMPLE)  # q = 1/2
+    joint, included = seen["s"]["joint"], seen["inc"]
+    assert report["steps"] == 1 and report["steps_run"] == m
+    assert torch.all(joint[~included] == 0) and torch.all(seen["s"]["tensor"][~included] == 0)
+    ones = joint[included]
+    torch.testing.assert_close(ones, ones.round(), rtol=0, atol=1e-4)  # sampled: exactly C along its own gradient
+    assert set(ones.round().tolist()) == {0.0, 1.0} and 0.3 < ones.mean().item() < 0.7
+
+
+def drop_one_norm_term(monkeypatch):  # book-keeping forgets the norm term of the tensor that carries the most
+    real = bk.joint_norms
+    monkeypatch.setattr(bk, "joint_norms", lambda sq: real({k: v for k, v in sq.items() if k != DOMINANT}))
+
+
+def clip_per_tensor(monkeypatch):  # book-keeping clips each tensor to C on its own instead of jointly
+    monkeypatch.setattr(bk, "tensor_factors",
+                        lambda sq, c: ({k: clip_factors(v.sqrt(), c) for k, v in sq.items()}, bk.joint_norms(sq)))
+
+
+@pytest.mark.parametrize("fault", [None, drop_one_norm_term, clip_per_tensor, noise_quartered])
+def test_example_canaries_audit_book_keeping_faults_above_their_epsilon(cli_run, monkeypatch, fault):
+    if fault is not None:
+        fault(monkeypatch)
+    m = 1000
+    report = audited(cli_run[0], m, None, canary="example", expected_batch=N_REAL + m, **EXAMPLE)  # q = 1
+    assert report["q"] == 1.0 and report["accounted_epsilon"] <= 2.0 and report["steps_run"] == m
+    bound = report["empirical_epsilon_lower_bound"]
+    if fault is None:
+        assert 0.2 < bound <= report["accounted_epsilon"] and report["verdict"] == "consistent"
+    else:
+        assert bound > 2.0 + 0.5 and report["verdict"] == "inconsistent"
