@@ -23,10 +23,13 @@ import sys
 import numpy as np
 import torch
 
-from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, load_state_strict
+from ldm.build import build_diffusion, latent_shape
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from ldm.config import SAMPLERS
 from ldm.data import REGISTRY
+from ldm.distributed import pick_device
 from ldm.errors import UserError
-from ldm.runtime import build_autoencoder, build_diffusion, build_unet, latent_shape, pick_device
+from ldm.run_folder import trained_autoencoder, trained_unet
 from ldm.sampling import METADATA_KEY, generate, save_grid
 
 CREATED_BY = "dp-ldm sample.py"
@@ -41,7 +44,9 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="pretrain.pt or finetune.pt of a run")
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True, help="output file: .png (grid) or .npz (data set)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's --sample-steps)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="ddim or dpm++2m (DPM-Solver++(2M), deterministic); default: the run's --sampler")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's --eta)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -57,11 +62,7 @@ def load_model(path, device):
         raise UserError(f"{path} holds stage {state.get('stage')!r}; sampling needs a pretrain or finetune checkpoint")
     if state.get("differentially_private") is False:
         print(f"warning: {path}: {state['warning']}", file=sys.stderr)
-    ae = build_autoencoder(cfg)
-    load_state_strict(ae, state["autoencoder"], "autoencoder", path)
-    unet = build_unet(cfg)
-    load_state_strict(unet, state["ema"], "EMA UNet", path)
-    return cfg, state, ae.to(device).eval(), unet.to(device).eval()
+    return cfg, state, trained_autoencoder(state, cfg, path, device), trained_unet(state, cfg, path, device).eval()
 
 
 def sample_classes(args, state, cfg):
@@ -160,11 +161,13 @@ def run(argv=None):
     eta = cfg.diffusion.eta if args.eta is None else args.eta
     classes = sample_classes(args, state, cfg)
     labels = torch.tensor(classes)[torch.arange(args.n) % len(classes)]  # image i has label classes[i % K]
-    sampling = dict(sampler="ddim", steps=steps, eta=eta, seed=args.seed, n=args.n, labels=classes,
-                    batch_size=args.batch_size, device=device.type)
+    sampler = args.sampler or cfg.diffusion.sampler
+    sampling = dict(sampler=sampler, steps=steps, eta=eta if sampler == "ddim" else None, seed=args.seed, n=args.n,
+                    labels=classes, batch_size=args.batch_size, device=device.type)
     meta = provenance(args, state, cfg, os.path.basename(args.out), sampling)  # refuses before any sampling
     gen = torch.Generator().manual_seed(args.seed)
-    images = generate(ae, unet, build_diffusion(cfg), labels, latent_shape(cfg), steps, eta, gen, args.batch_size)
+    images = generate(ae, unet, build_diffusion(cfg), labels, latent_shape(cfg), steps, eta, gen, args.batch_size,
+                      sampler=sampler)
     card = card_path(args.out)
     if os.path.exists(card):
         os.remove(card)  # a card never describes other samples than those beside it, even after a kill below

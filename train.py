@@ -10,30 +10,29 @@ Stages (`--stage`, default `all`):
 Not part of `all`:
   finetune-nonprivate  the same parameters, batches and optimiser with NO clipping or noise: a baseline
                that is NOT differentially private (dp/nonprivate.py) -> <out>/finetune-nonprivate.pt
-Only `finetune` (dp/finetune.py) and `finetune-nonprivate` ever read the private set.
+Only `finetune` (dp/finetune.py) and `finetune-nonprivate` (dp/nonprivate.py) read the private set here.
+This file is the command line only: the stages are ldm/autoencoder_stage.py, ldm/pretrain_stage.py,
+dp/finetune.py and dp/nonprivate.py.
 """
 
 import argparse
-import copy
 import os
 import shutil
 import sys
 
-import torch
-from tqdm import tqdm
-
 from dp.finetune import train_finetune
 from dp.nonprivate import STAGE as STAGE_NONPRIVATE, train_finetune_nonprivate
 from dp.select import parse_blocks
-from ldm.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, save_checkpoint
+from ldm.autoencoder_stage import train_autoencoder
+from ldm.build import build_unet
+from ldm.checkpoint import atomic_write_json
 from ldm.config import PRESETS, add_config_flags, config_to_dict, make_config, overrides_from_args
-from ldm.data import check_pair, load_dataset, to_unit_range
-from ldm.diffusion import ema_update
-from ldm.distributed import Dist, all_reduce_sum_, barrier, init_distributed, shard, shutdown
+from ldm.data import check_pair
+from ldm.distributed import barrier, init_distributed, pick_device, shutdown
 from ldm.errors import UserError
-from ldm.runtime import (STAGES, MetricsLog, build_autoencoder, build_diffusion, build_unet, check_compatible,
-                         encode_latents, latent_shape, lr_at, pick_device, prepare_out, stage_path)
-from ldm.sampling import generate, save_grid
+from ldm.metrics_log import MetricsLog
+from ldm.pretrain_stage import train_pretrain
+from ldm.run_folder import STAGES, prepare_out
 
 
 def parse_args(argv):
@@ -44,175 +43,6 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     add_config_flags(p)
     return p.parse_args(argv)
-
-
-def load_stage(out, stage, cfg, device):
-    """The checkpoint of an earlier or interrupted stage, checked against the current configuration."""
-    path = stage_path(out, stage)
-    state, stored = load_checkpoint(path)
-    if state.get("stage") != stage:
-        raise UserError(f"{path} holds stage {state.get('stage')!r}, expected {stage!r}")
-    check_compatible(stored, cfg, stage, path)
-    return state, path
-
-
-def frozen_autoencoder(out, cfg, device):
-    """The trained autoencoder of this run, frozen (eval mode, no gradients)."""
-    state, path = load_stage(out, "autoencoder", cfg, device)
-    if not state["done"]:
-        raise UserError(f"{path} is not finished (step {state['step']}); run --stage autoencoder --resume first")
-    ae = build_autoencoder(cfg)
-    load_state_strict(ae, state["autoencoder"], "autoencoder", path)
-    return ae.to(device).eval().requires_grad_(False)
-
-
-def start_or_resume(out, stage, cfg, device, resume):
-    """(checkpoint or None). Refuse to overwrite a stage's checkpoint without --resume."""
-    path = stage_path(out, stage)
-    if not os.path.exists(path):
-        return None
-    if not resume:
-        raise UserError(f"{path} already exists; pass --resume to continue this run or choose another --out")
-    return load_stage(out, stage, cfg, device)[0]
-
-
-def train_autoencoder(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
-    """Stage 1: the KL autoencoder on public images only; measures the latent scale factor at the end."""
-    c = cfg.ae
-    ckpt = start_or_resume(out, "autoencoder", cfg, device, resume)
-    if ckpt and ckpt["done"]:
-        print(f"autoencoder: already finished in {stage_path(out, 'autoencoder')}")
-        return
-    data = load_dataset(cfg.data.public, cfg.data, "public")
-    torch.manual_seed(cfg.run.seed)  # initialisation
-    ae = build_autoencoder(cfg).to(device)
-    opt = torch.optim.AdamW(ae.parameters(), lr=c.ae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    step = 0
-    if ckpt:
-        load_state_strict(ae, ckpt["autoencoder"], "autoencoder", stage_path(out, "autoencoder"))
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
-        step = ckpt["step"]
-
-    def save(done):
-        if dist.main:
-            save_checkpoint(stage_path(out, "autoencoder"), dict(
-                config=config_to_dict(cfg), stage="autoencoder", step=step, done=done,
-                autoencoder=ae.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state()))
-        barrier(dist)
-
-    bar = tqdm(range(step, c.ae_steps), desc="autoencoder", initial=step, total=c.ae_steps, disable=not dist.main)
-    for step in bar:
-        if stop_at is not None and step >= stop_at:
-            return
-        # the global batch is drawn identically on every rank; each rank works on its shard of it
-        idx = torch.randint(0, len(data), (c.ae_batch,), generator=gen)
-        noise = torch.randn((c.ae_batch, *latent_shape(cfg)), generator=gen)
-        s = shard(c.ae_batch, dist)
-        loss, rec, kl = ae.loss(to_unit_range(data.x[idx[s]]).to(device), c.ae_loss, c.ae_kl_weight,
-                                noise[s].to(device))
-        opt.zero_grad(set_to_none=True)
-        (loss.sum() / c.ae_batch).backward()
-        all_reduce_sum_([p.grad for p in ae.parameters() if p.grad is not None], dist)
-        opt.step()
-        step += 1
-        if step % cfg.run.log_every == 0 or step == c.ae_steps:
-            bar.set_postfix(rec=f"{rec.mean().item():.4f}")
-            log.write(stage="autoencoder", step=step, loss=loss.mean().item(), rec=rec.mean().item(),
-                      kl=kl.mean().item())
-        if step % cfg.run.ckpt_every == 0:
-            save(done=False)
-    ae.eval()
-    probe = torch.randperm(len(data), generator=gen)[:5000]
-    scale = ae.measure_scale_factor(to_unit_range(data.x[i]).to(device) for i in probe.split(500))
-    save(done=True)
-    if not dist.main:
-        return
-    x = to_unit_range(data.x[probe[:32]]).to(device)
-    with torch.no_grad():
-        rec = ae.decode(ae.encode(x).mean).clamp(-1, 1)
-    both = torch.stack([x, rec], 1).flatten(0, 1)
-    save_grid(((both + 1) * 127.5).round().to(torch.uint8).cpu(), os.path.join(out, "reconstructions.png"))
-    log.write(stage="autoencoder", step=step, scale_factor=scale, done=True)
-    print(f"autoencoder: done, latent scale factor {scale:.4f}, reconstructions in {out}/reconstructions.png")
-
-
-def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
-    """Stage 2: the class-conditional latent diffusion UNet on public images only."""
-    c = cfg.pretrain
-    ckpt = start_or_resume(out, "pretrain", cfg, device, resume)
-    if ckpt and ckpt["done"]:
-        print(f"pretrain: already finished in {stage_path(out, 'pretrain')}")
-        return
-    ae = frozen_autoencoder(out, cfg, device)
-    data = load_dataset(cfg.data.public, cfg.data, "public")
-    mean, std = encode_latents(ae, data, device, "encoding public set")
-    labels = data.y.to(device)
-    torch.manual_seed(cfg.run.seed)  # initialisation
-    unet = build_unet(cfg).to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    diffusion = build_diffusion(cfg)
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.run.seed + 1)
-    step = 0
-    if ckpt:
-        path = stage_path(out, "pretrain")
-        load_state_strict(unet, ckpt["unet"], "UNet", path)
-        load_state_strict(ema, ckpt["ema"], "EMA UNet", path)
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
-        step = ckpt["step"]
-
-    def save(done):
-        if dist.main:
-            save_checkpoint(stage_path(out, "pretrain"), dict(
-                config=config_to_dict(cfg), stage="pretrain", step=step, done=done, unet=unet.state_dict(),
-                ema=ema.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
-                autoencoder=ae.state_dict()))
-        barrier(dist)
-
-    bar = tqdm(range(step, c.pretrain_steps), desc="pretrain", initial=step, total=c.pretrain_steps,
-               disable=not dist.main)
-    for step in bar:
-        if stop_at is not None and step >= stop_at:
-            return
-        # the global batch and its draws are identical on every rank; each rank works on its shard
-        idx = torch.randint(0, len(data), (c.pretrain_batch,), generator=gen)
-        noise = torch.randn(mean[idx].shape, generator=gen).to(device)
-        z0 = mean[idx] + std[idx] * noise  # scaled latents: one posterior sample per example
-        t, eps = diffusion.draw(z0, gen)
-        s = shard(c.pretrain_batch, dist)
-        loss = diffusion.loss_per_example(unet, z0[s], labels[idx[s]], t[s], eps[s])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, c.pretrain_lr, c.pretrain_warmup)
-        opt.zero_grad(set_to_none=True)
-        (loss.sum() / c.pretrain_batch).backward()
-        all_reduce_sum_([p.grad for p in unet.parameters() if p.grad is not None], dist)
-        opt.step()
-        ema_update(ema, unet, c.pretrain_ema)
-        step += 1
-        if step % cfg.run.log_every == 0 or step == c.pretrain_steps:
-            bar.set_postfix(loss=f"{loss.mean().item():.4f}")
-            log.write(stage="pretrain", step=step, loss=loss.mean().item(), lr=opt.param_groups[0]["lr"])
-        if step % cfg.run.ckpt_every == 0:
-            save(done=False)
-    save(done=True)
-    if not dist.main:
-        return
-    grid = write_samples(cfg, ae, ema.eval(), os.path.join(out, "samples.png"), data.num_classes)
-    log.write(stage="pretrain", step=step, done=True, samples=grid)
-    print(f"pretrain: done, samples in {grid}")
-
-
-def write_samples(cfg, ae, unet, path, classes, metadata=None):
-    """A class-ordered grid of `grid_n` samples (DDIM, `sample_steps`, `eta`) from `unet`, seeded by the run;
-    `metadata` (provenance: stage, DP or not, epsilon) goes into the PNG file itself."""
-    labels = torch.arange(cfg.run.grid_n) % min(classes, 10)
-    gen = torch.Generator().manual_seed(cfg.run.seed + 2)
-    images = generate(ae, unet, build_diffusion(cfg), labels, latent_shape(cfg), cfg.diffusion.sample_steps,
-                      cfg.diffusion.eta, gen)
-    return save_grid(images, path, metadata)
 
 
 def run(argv=None):
@@ -251,9 +81,9 @@ def run_stages(cfg, args, out, dist, device):
         elif stage == "pretrain":
             train_pretrain(cfg, out, device, args.resume, log, dist=dist)
         elif stage == STAGE_NONPRIVATE:
-            train_finetune_nonprivate(cfg, out, device, args.resume, log, write_samples=write_samples, dist=dist)
+            train_finetune_nonprivate(cfg, out, device, args.resume, log, dist=dist)
         else:
-            train_finetune(cfg, out, device, args.resume, log, write_samples=write_samples, dist=dist)
+            train_finetune(cfg, out, device, args.resume, log, dist=dist)
 
 
 def main(argv=None):

@@ -49,8 +49,8 @@ import numpy as np
 from prv_accountant import PRVAccountant
 from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 
-from dp.rdp import DEFAULT_ORDERS, rdp_one_step, rdp_to_epsilon
 from dp.prv_add import SubsampledGaussianAddPRV, add_direction_composition  # noqa: F401 - the add direction
+from dp.rdp import DEFAULT_ORDERS, rdp_one_step, rdp_to_epsilon
 from ldm.errors import UserError
 
 neighbouring_relation = "add/remove one example"

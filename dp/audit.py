@@ -62,20 +62,24 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-import train
 from dp.accountant import compute_epsilon, neighbouring_relation
-from dp.canaries import SCORES, example_canary_scores, input_canaries
+from dp.canaries import example_canary_scores, input_canaries
 from dp.finetune import check_clip_backend, encode_private, load_pretrained, privacy_plan, private_task
 from dp.per_sample import per_sample_grads
 from dp.randomness import poisson_sample, run_secret
 from dp.sensitivity import check_sensitivity, random_task
 from dp.step import Mechanism, apply_update, make_optimizer, private_gradient
 from kernels.clip_noise import clip_and_noise
+from ldm import autoencoder_stage, pretrain_stage
+from ldm.build import latent_shape
 from ldm.checkpoint import atomic_write_json
 from ldm.config import PRESETS, add_config_flags, make_config, overrides_from_args
 from ldm.data import check_pair, load_dataset
+from ldm.distributed import pick_device
 from ldm.errors import UserError
-from ldm.runtime import MetricsLog, latent_shape, lr_at, pick_device, prepare_out, stage_path
+from ldm.metrics_log import MetricsLog
+from ldm.run_folder import prepare_out, stage_path
+from ldm.schedule import lr_at
 
 CANARY_KINDS = ("example", "white", "black")
 GUESS_FRACTIONS = (0.05, 0.1, 0.2)  # k = fraction * m guesses on each side, fixed in advance (Bonferroni)
@@ -275,7 +279,7 @@ def audit_plan(dp_cfg, n, m, steps):
         raise UserError(f"{e} (the audit's N = {n - m} private examples + {m} canaries)") from None
 
 
-def train_with_canaries(task, n_real, included, coords, d, q, steps, sigma):
+def train_with_canaries(task, n_real, included, coords, dp_cfg, q, steps, sigma):
     """T logical DP steps over the private set plus the included canaries, with dp/step.py's `private_gradient`.
 
     Canary j is slot n_real + j of the sampled set; a slot whose canary is out is discarded. White-box
@@ -285,8 +289,8 @@ def train_with_canaries(task, n_real, included, coords, d, q, steps, sigma):
     No EMA, ledger or checkpoints: post-processing and bookkeeping that change nothing the audit scores.
     """
     n, device = n_real + len(included), task.latents[0].device
-    mech = Mechanism(q, d.clip, sigma, q * n)
-    opt, secret = make_optimizer(d, task.params), run_secret(d.noise_seed)
+    mech = Mechanism(q, dp_cfg.clip, sigma, q * n)
+    opt, secret = make_optimizer(dp_cfg, task.params), run_secret(dp_cfg.noise_seed)
     scores = torch.zeros(len(included), dtype=torch.float64)
     for step in tqdm(range(steps), desc=f"audit: DP fine-tune with {len(included)} canaries"):
         idx = poisson_sample(secret, step, n, q)  # real examples and canary slots, each with rate q
@@ -295,12 +299,12 @@ def train_with_canaries(task, n_real, included, coords, d, q, steps, sigma):
         if coords is None:
             grads = private_gradient(task, mech, secret, step, torch.cat([real, n_real + present]).to(device))
         else:
-            extra = canary_gradients(coords, present, task.shapes, CANARY_GRADIENT * d.clip, device)
-            extra = None if extra is None else clip_and_noise(extra, d.clip, 0.0, 1.0, 0, backend=task.backend)
+            extra = canary_gradients(coords, present, task.shapes, CANARY_GRADIENT * dp_cfg.clip, device)
+            extra = None if extra is None else clip_and_noise(extra, dp_cfg.clip, 0.0, 1.0, 0, backend=task.backend)
             grads = private_gradient(task, mech, secret, step, real.to(device), extra=extra)
             released = torch.cat([g.flatten() for g in grads])  # (P,) what the optimiser receives
-            scores += released[coords.to(device)].double().cpu() * (q * n / d.clip)
-        apply_update(opt, list(task.params.values()), grads, lr_at(step, d.lr, d.warmup))
+            scores += released[coords.to(device)].double().cpu() * (q * n / dp_cfg.clip)
+        apply_update(opt, list(task.params.values()), grads, lr_at(step, dp_cfg.lr, dp_cfg.warmup))
     return scores if coords is not None else None
 
 
@@ -331,14 +335,14 @@ def run_audit(cfg, out, device, m=500, canary="example", steps=None, level=0.05)
     OS, or from --noise-seed for reproducible experiments. Example canaries take `steps` steps each
     (default 1); the other kinds share one run of `steps` steps (default: the configuration's).
     """
-    d, started = cfg.dp, time.time()
+    dp_cfg, started = cfg.dp, time.time()
     check_audit_args(m, canary, level, steps)
-    check_clip_backend(d.clip_backend, device)
+    check_clip_backend(dp_cfg.clip_backend, device)
     data = load_dataset(cfg.data.private, cfg.data, "private")
     n_real = len(data)
     if canary == "example" and steps is None:
         steps = 1
-    q, steps, sigma = audit_plan(d, n_real + m, m, steps)  # every input checked before training
+    q, steps, sigma = audit_plan(dp_cfg, n_real + m, m, steps)  # every input checked before training
     ae, unet = load_pretrained(cfg, out, device)
     task = private_task(cfg, ae, unet, data, device)
     # the secret: which canaries are in the data set, drawn before training, read only by `one_run_bound`
@@ -347,18 +351,18 @@ def run_audit(cfg, out, device, m=500, canary="example", steps=None, level=0.05)
     if canary == "white":
         coords, untouched = canary_coordinates(unet, task.diffusion, task.params, cfg, m,
                                                audit_generator(cfg.run.seed, "coordinates"))
-        scores = train_with_canaries(task, n_real, included, coords, d, q, steps, sigma)
+        scores = train_with_canaries(task, n_real, included, coords, dp_cfg, q, steps, sigma)
     else:
         append_canaries(task, ae, input_canaries(m, data, audit_generator(cfg.run.seed, "images")), device)
     if canary == "example":
-        mech = Mechanism(q, d.clip, sigma, q * (n_real + m))
-        scores = example_canary_scores(task, n_real, included, mech, run_secret(d.noise_seed), steps)
+        mech = Mechanism(q, dp_cfg.clip, sigma, q * (n_real + m))
+        scores = example_canary_scores(task, n_real, included, mech, run_secret(dp_cfg.noise_seed), steps)
     if canary == "black":
-        train_with_canaries(task, n_real, included, None, d, q, steps, sigma)
+        train_with_canaries(task, n_real, included, None, dp_cfg, q, steps, sigma)
         scores = loss_scores(unet.eval(), task.diffusion, task.latents[0][n_real:], task.labels[n_real:],
                              audit_generator(cfg.run.seed, "score"))
-    accounted = compute_epsilon(sigma, q, steps, d.delta)
-    result = one_run_bound(scores, included, d.delta, level)
+    accounted = compute_epsilon(sigma, q, steps, dp_cfg.delta)
+    result = one_run_bound(scores, included, dp_cfg.delta, level)
     where = CANARY_TEXT[canary].format(g=CANARY_GRADIENT, u=untouched, m=m)
     report = audit_report(cfg, accounted, result, level, m, int(included.sum()), canary, where, sigma, q, steps,
                           n_real)
@@ -367,23 +371,24 @@ def run_audit(cfg, out, device, m=500, canary="example", steps=None, level=0.05)
 
 def audit_report(cfg, accounted, result, level, m, n_included, kind, canary, sigma, q, steps, n_real):
     """The audit as a flat dict: the verdict, both epsilons, the guesses and the run's mechanism."""
-    d = cfg.dp
+    dp_cfg = cfg.dp
     bound = result["epsilon_lower_bound"]
     return dict(
         verdict="consistent" if bound <= accounted.epsilon else "inconsistent",
-        accounted_epsilon=accounted.epsilon, empirical_epsilon_lower_bound=bound, delta=d.delta, level=level,
+        accounted_epsilon=accounted.epsilon, empirical_epsilon_lower_bound=bound, delta=dp_cfg.delta, level=level,
         m=m, guesses=result["guesses"], correct_guesses=result["correct_guesses"], best_score=result["score"],
         canaries_included=n_included, guess_sets=result["tried"], bonferroni_level=result["bonferroni_level"],
         canary=canary, score=SCORE_TEXT[kind],
-        target_epsilon=d.epsilon, accountant=accounted.accountant, sigma=sigma, q=q, clip=d.clip,
+        target_epsilon=dp_cfg.epsilon, accountant=accounted.accountant, sigma=sigma, q=q, clip=dp_cfg.clip,
         steps=steps, steps_run=steps * m if kind == "example" else steps,
         accounted_for=("each canary: its own steps (parallel composition)" if kind == "example"
                        else "every example: all the steps"),
         n_private=n_real, n_with_canaries=n_real + m, neighbouring_relation=neighbouring_relation,
         sampling="Poisson, canaries and examples alike with rate q", preset=cfg.preset,
-        noise_source="operating system" if d.noise_seed is None else f"fixed seed {d.noise_seed} (experiments only)",
-        warning=(f"2 m delta = {2 * m * d.delta:.3g}: the delta term of the bound dominates and even a broken run "
-                 f"audits near 0; audit at a smaller --delta" if 2 * m * d.delta >= 0.1 else None))
+        noise_source=("operating system" if dp_cfg.noise_seed is None
+                      else f"fixed seed {dp_cfg.noise_seed} (experiments only)"),
+        warning=(f"2 m delta = {2 * m * dp_cfg.delta:.3g}: the delta term of the bound dominates and even a broken run "
+                 f"audits near 0; audit at a smaller --delta" if 2 * m * dp_cfg.delta >= 0.1 else None))
 
 
 # ---- Command line -----------------------------------------------------------------------------
@@ -437,8 +442,8 @@ def run(argv=None):
     device = pick_device(cfg.run.device)
     log = MetricsLog(os.path.join(out, "metrics.jsonl"))
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON report only
-        train.train_autoencoder(cfg, out, device, True, log)  # resume=True: a finished stage is reused
-        train.train_pretrain(cfg, out, device, True, log)
+        autoencoder_stage.train_autoencoder(cfg, out, device, True, log)  # resume=True: a finished stage is reused
+        pretrain_stage.train_pretrain(cfg, out, device, True, log)
         report = run_audit(cfg, out, device, m=args.m, canary=args.canary, steps=args.steps, level=args.level)
     atomic_write_json(os.path.join(out, "audit.json"), report)
     log.write(stage="audit", **{k: v for k, v in report.items() if k != "guess_sets"})

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from dp.per_sample import per_sample_grads
 from dp.randomness import seeded_secret
-from dp.select import trainable_share
+from dp.select import selection_size
 from dp.sensitivity import random_task
 from dp.step import Mechanism, Task, dp_step, example_inputs, make_optimizer, private_gradient
 from kernels.clip_noise import clip_and_noise_reference
@@ -355,7 +355,7 @@ def main(argv=None):
         return
     with_opacus = importlib.util.find_spec("opacus") is not None
     s = build_setup(args.preset, args.batch, args.physical_batch, torch.device("cpu"))
-    n_train, share = trainable_share(s.task.unet, s.task.params)
+    n_train, share = selection_size(s.task.unet, s.task.params)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     version = f"opacus {importlib.import_module('opacus').__version__}" if with_opacus else "opacus not installed"

@@ -90,7 +90,7 @@ class _Layer:
         self.calls.append((inputs[0].detach(), output))
 
     def per_sample(self, d):
-        """{local name: (b, ...) per-sample gradient} for the small parameters, and the weight's (a, d) if Linear."""
+        """{local name: (b, ...) per-sample gradient} of the small parameters (norm weights, biases)."""
         m, (a, _) = self.module, self.calls[0]
         if isinstance(m, nn.Linear):
             return {"bias": _tokens(d).sum(1)} if "bias" in self.chosen else {}
@@ -106,11 +106,11 @@ class _Layer:
         return {k: v for k, v in grads.items() if k in self.chosen}
 
 
-def _drop_examples(layers, small, keep):
+def _drop_examples(layers, direct, keep):
     """Zero every captured tensor of the examples not in `keep` (b,) bool: they then contribute exactly zero."""
     def zeroed(x):
         return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    for layer, ps in zip(layers, small):
+    for layer, ps in zip(layers, direct):
         a, out = layer.calls[0]
         layer.calls[0] = (a if a.dtype == torch.long else zeroed(a), out)
         layer.d = zeroed(layer.d)
@@ -143,20 +143,20 @@ def _capture(unet, diffusion, params, z0, y, t, noise):
 
 
 def tensor_sq_norms(layers):
-    """Step 3: ({full name: (b,) squared norm of each example's gradient of that tensor}, [per-layer small
+    """Step 3: ({full name: (b,) squared norm of each example's gradient of that tensor}, [per-layer direct
     per-sample gradients {local name: (b, ...)}]), one entry per selected tensor on the forward path."""
-    sq, small = {}, []
+    sq, direct = {}, []
     for layer in layers:
         m, a, d = layer.module, layer.calls[0][0], layer.d
         ps = layer.per_sample(d)
-        small.append(ps)
+        direct.append(ps)
         for local, g in ps.items():
             sq[layer.chosen[local]] = g.flatten(1).square().sum(1)
         if isinstance(m, nn.Linear) and "weight" in layer.chosen:
             sq[layer.chosen["weight"]] = _linear_weight_sq_norms(_tokens(a.float()), _tokens(d))
         if isinstance(m, nn.Embedding):
             sq[layer.chosen["weight"]] = d.flatten(1).square().sum(1)  # example i's gradient: d_i in row y_i
-    return sq, small
+    return sq, direct
 
 
 def joint_norms(sq):
@@ -198,15 +198,16 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     loss w.r.t. all selected parameters jointly. Returns ([fp32 tensor per parameter in `params` order], norms (b,)).
     """
     layers, unused = _capture(unet, diffusion, params, z0, y, t, noise)
-    out = {full: torch.zeros(params[full].shape, device=z0.device) for layer in unused for full in layer.chosen.values()}
+    out = {full: torch.zeros(params[full].shape, device=z0.device)
+           for layer in unused for full in layer.chosen.values()}
     if not layers:  # nothing selected lies on the forward path: every gradient is zero
         return [out[n] for n in params], torch.zeros(len(z0), device=z0.device)
-    sq, small = tensor_sq_norms(layers)
+    sq, direct = tensor_sq_norms(layers)
     factors, norms = tensor_factors(sq, clip)
     finite = torch.isfinite(norms)
     if not bool(finite.all()):
-        _drop_examples(layers, small, finite)
-    for layer, ps in zip(layers, small):
+        _drop_examples(layers, direct, finite)
+    for layer, ps in zip(layers, direct):
         out.update(_layer_sums(layer, ps, factors))
         layer.calls, layer.d = [], None
     return [out[n].reshape(p.shape) for n, p in params.items()], norms

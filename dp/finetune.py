@@ -39,17 +39,21 @@ from dp.ledger import PrivacyLedger
 from dp.poisson import num_steps, sampling_rate
 from dp.randomness import run_secret
 from dp.report import privacy_report, write_report
-from dp.select import select_parameters, trainable_share
+from dp.select import select_parameters, selection_size
 from dp.step import Mechanism, Task, dp_step, make_optimizer
 from kernels.clip_noise import check_triton_usable
+from ldm.build import build_diffusion
 from ldm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
 from ldm.data import load_dataset, num_classes
 from ldm.diffusion import ema_update
 from ldm.distributed import Dist, barrier
 from ldm.errors import UserError
-from ldm.runtime import (build_autoencoder, build_diffusion, build_unet, check_compatible, encode_latents, lr_at,
-                         stage_path)
+from ldm.latents import encode_latents
+from ldm.run_folder import (check_compatible, load_stage, refuse_overwrite, stage_path, trained_autoencoder,
+                            trained_unet)
+from ldm.sampling import write_samples
+from ldm.schedule import lr_at
 
 
 def public_size(dp_cfg, data):
@@ -88,16 +92,8 @@ def check_clip_backend(backend, device):
 
 def load_pretrained(cfg, out, device):
     """Frozen autoencoder and the pretrained EMA UNet from <out>/pretrain.pt (public stages only)."""
-    path = stage_path(out, "pretrain")
-    state, stored = load_checkpoint(path)
-    check_compatible(stored, cfg, "pretrain", path)
-    if state.get("stage") != "pretrain" or not state["done"]:
-        raise UserError(f"{path} is not a finished pretraining checkpoint; run --stage pretrain first")
-    ae = build_autoencoder(cfg)
-    load_state_strict(ae, state["autoencoder"], "autoencoder", path)
-    unet = build_unet(cfg)
-    load_state_strict(unet, state["ema"], "UNet", path)
-    return ae.to(device).eval().requires_grad_(False), unet.to(device)
+    state, path = load_stage(out, "pretrain", cfg, finished=True)
+    return trained_autoencoder(state, cfg, path, device), trained_unet(state, cfg, path, device)
 
 
 def resolve_grad_method(method, unet, params):
@@ -114,16 +110,16 @@ def resolve_grad_method(method, unet, params):
 
 
 def encode_private(ae, data, device):
-    """Scaled latents (mean, std) of the private set under the frozen encoder (ldm/runtime.py)."""
+    """Scaled latents (mean, std) of the private set under the frozen encoder (ldm/latents.py)."""
     return encode_latents(ae, data, device, "encoding private set")
 
 
 def private_task(cfg, ae, unet, data, device):
     """The fine-tuning Task (dp/step.py): selected parameters, encoded private latents, labels, grad method."""
-    d = cfg.dp
-    params = select_parameters(unet, d.dp_blocks, d.dp_class_embed)
+    dp_cfg = cfg.dp
+    params = select_parameters(unet, dp_cfg.dp_blocks, dp_cfg.dp_class_embed)
     return Task(unet, build_diffusion(cfg), params, encode_private(ae, data, device), data.y.to(device),
-                resolve_grad_method(d.grad_method, unet, params), d.physical_batch, d.clip_backend)
+                resolve_grad_method(dp_cfg.grad_method, unet, params), dp_cfg.physical_batch, dp_cfg.clip_backend)
 
 
 @dataclasses.dataclass
@@ -148,22 +144,21 @@ class FinetuneRun:
 
 def start_finetune(cfg, out, device, resume, dist):
     """Load the public model and the private set, plan the mechanism, open the ledger, resume if asked."""
-    d = cfg.dp
+    dp_cfg = cfg.dp
     path = stage_path(out, "finetune")
-    if os.path.exists(path) and not resume:
-        raise UserError(f"{path} already exists; pass --resume to continue this run or choose another --out")
-    check_clip_backend(d.clip_backend, device)
+    refuse_overwrite(path, resume)
+    check_clip_backend(dp_cfg.clip_backend, device)
     ae, unet = load_pretrained(cfg, out, device)
     pretrained = {k: v.clone() for k, v in unet.state_dict().items()}
     data = load_dataset(cfg.data.private, cfg.data, "private")
     check_labels(data, num_classes(cfg.data), cfg.data.private)
-    n, n_source = public_size(d, data)
-    q, steps, sigma = privacy_plan(d, n)
+    n, n_source = public_size(dp_cfg, data)
+    q, steps, sigma = privacy_plan(dp_cfg, n)
     task = private_task(cfg, ae, unet, data, device)
-    ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"), sigma, q, d.clip, writer=dist.main)
+    ledger = PrivacyLedger(os.path.join(out, "privacy_ledger.jsonl"), sigma, q, dp_cfg.clip, writer=dist.main)
     ledger.check_mechanism()
-    run = FinetuneRun(cfg, out, path, ae, task, Mechanism(q, d.clip, sigma, q * n), steps, n, n_source,
-                      run_secret(d.noise_seed), make_optimizer(d, task.params),
+    run = FinetuneRun(cfg, out, path, ae, task, Mechanism(q, dp_cfg.clip, sigma, q * n), steps, n, n_source,
+                      run_secret(dp_cfg.noise_seed), make_optimizer(dp_cfg, task.params),
                       copy.deepcopy(unet).requires_grad_(False), ledger, pretrained)
     if resume and os.path.exists(path):
         restore(run)
@@ -189,8 +184,8 @@ def restore(run):
         raise UserError(f"{run.path} holds stage {state.get('stage')!r}, not a DP fine-tuning checkpoint; "
                         f"it cannot be resumed as one")
     check_compatible(stored, run.cfg, "finetune", run.path)
-    mine, theirs = stored_privacy(run), state["privacy"]
-    diffs = [f"{k} {theirs.get(k)!r} (stored) vs {v!r} (now)" for k, v in mine.items() if theirs.get(k) != v]
+    current, recorded = stored_privacy(run), state["privacy"]
+    diffs = [f"{k} {recorded.get(k)!r} (stored) vs {v!r} (now)" for k, v in current.items() if recorded.get(k) != v]
     if diffs:
         raise UserError(f"{run.path} was trained with another mechanism or private set: {'; '.join(diffs)}; "
                         f"resume with the same settings and data or choose another --out")
@@ -222,40 +217,40 @@ def announce(run, dist):
     """One line with the plan; N is shown only when it is the data set's own size (treated as public)."""
     if not dist.main:
         return
-    d, task = run.cfg.dp, run.task
-    n_train, share = trainable_share(task.unet, task.params)
-    print(f"finetune: N={run.n} ({run.n_source}), q={run.mech.q:.6g}, T={run.steps} logical steps, C={d.clip:g}, "
-          f"sigma={run.mech.sigma:.4f} for ({d.epsilon:g}, {d.delta:g})-DP under {neighbouring_relation}; "
-          f"trainable {n_train:,} parameters ({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}', "
+    dp_cfg, task = run.cfg.dp, run.task
+    n_train, share = selection_size(task.unet, task.params)
+    print(f"finetune: N={run.n} ({run.n_source}), q={run.mech.q:.6g}, T={run.steps} logical steps, C={dp_cfg.clip:g}, "
+          f"sigma={run.mech.sigma:.4f} for ({dp_cfg.epsilon:g}, {dp_cfg.delta:g})-DP under {neighbouring_relation}; "
+          f"trainable {n_train:,} parameters ({100 * share:.1f}% of the UNet) in blocks '{dp_cfg.dp_blocks}', "
           f"clipping by {task.method}, {dist.world} process(es)")
 
 
-def train_finetune(cfg, out, device, resume, log, write_samples, stop_at=None, dist=Dist()):
+def train_finetune(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
     """Stage 3. Returns the privacy report (a dict) when the run finishes."""
     run = start_finetune(cfg, out, device, resume, dist)
     announce(run, dist)
     log.write(stage="finetune", event="plan", n_public=run.n, n_source=run.n_source, q=run.mech.q,
               steps=run.steps, sigma=run.mech.sigma, clip=run.mech.clip)
-    d, task = cfg.dp, run.task
+    dp_cfg, task = cfg.dp, run.task
     bar = tqdm(range(run.ledger.steps, run.steps), desc="finetune (DP)", initial=run.ledger.steps, total=run.steps,
                disable=not dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return None
-        dp_step(task, run.mech, run.secret, step, run.opt, lr_at(step, d.lr, d.warmup), run.ledger, dist)
-        ema_update(run.ema, task.unet, d.dp_ema)
+        dp_step(task, run.mech, run.secret, step, run.opt, lr_at(step, dp_cfg.lr, dp_cfg.warmup), run.ledger, dist)
+        ema_update(run.ema, task.unet, dp_cfg.dp_ema)
         done_steps = step + 1
         if dist.main and (done_steps % cfg.run.log_every == 0 or done_steps == run.steps):
-            eps = run.ledger.epsilon(d.delta)  # from (sigma, q, steps) only: no private value
+            eps = run.ledger.epsilon(dp_cfg.delta)  # from (sigma, q, steps) only: no private value
             bar.set_postfix(eps=f"{eps.epsilon:.3f}")
             log.write(stage="finetune", step=done_steps, epsilon=eps.epsilon, accountant=eps.accountant,
                       lr=run.opt.param_groups[0]["lr"])
         if done_steps % cfg.run.ckpt_every == 0:
             save(run, False, dist)
-    return finish(run, log, write_samples, dist)
+    return finish(run, log, dist)
 
 
-def finish(run, log, write_samples, dist):
+def finish(run, log, dist):
     """Final checkpoint, the frozen-parameter check, the privacy report and the sample grid."""
     save(run, True, dist)
     check_frozen(run.task.unet, run.ema, run.pretrained, run.task.params)

@@ -18,42 +18,43 @@ from tqdm import tqdm
 from dp.finetune import check_frozen, check_labels, load_pretrained, private_task
 from dp.poisson import num_steps, sampling_rate
 from dp.randomness import seeded_secret
-from dp.select import trainable_share
+from dp.select import selection_size
 from dp.step import Mechanism, dp_step, make_optimizer
 from ldm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
 from ldm.data import load_dataset, num_classes
 from ldm.diffusion import ema_update
 from ldm.errors import UserError
-from ldm.runtime import check_compatible, lr_at, stage_path
+from ldm.run_folder import check_compatible, refuse_overwrite, stage_path
+from ldm.sampling import write_samples
+from ldm.schedule import lr_at
 
 STAGE = "finetune-nonprivate"
 WARNING = "NOT differentially private: a baseline for comparison only, never release this model or its samples"
 
 
-def train_finetune_nonprivate(cfg, out, device, resume, log, write_samples, dist, stop_at=None):
+def train_finetune_nonprivate(cfg, out, device, resume, log, dist, stop_at=None):
     """Non-private fine-tuning of the DP stage's parameters. Returns the checkpoint's path (None if stopped)."""
     if dist.world > 1:
         raise UserError(f"--stage {STAGE} runs in one process; start it without torchrun")
-    d = cfg.dp
+    dp_cfg = cfg.dp
     path = stage_path(out, STAGE)
-    if os.path.exists(path) and not resume:
-        raise UserError(f"{path} already exists; pass --resume to continue this run or choose another --out")
+    refuse_overwrite(path, resume)
     ae, unet = load_pretrained(cfg, out, device)
     pretrained = {k: v.clone() for k, v in unet.state_dict().items()}
     data = load_dataset(cfg.data.private, cfg.data, "private")
     check_labels(data, num_classes(cfg.data), cfg.data.private)
-    q = sampling_rate(d.expected_batch, len(data))
-    steps = num_steps(d.epochs, q)
+    q = sampling_rate(dp_cfg.expected_batch, len(data))
+    steps = num_steps(dp_cfg.epochs, q)
     task = private_task(cfg, ae, unet, data, device)
-    n_train, share = trainable_share(unet, task.params)
+    n_train, share = selection_size(unet, task.params)
     print(f"{STAGE}: {WARNING}. N={len(data)}, q={q:.6g}, T={steps} logical steps, trainable {n_train:,} "
-          f"parameters ({100 * share:.1f}% of the UNet) in blocks '{d.dp_blocks}'")
+          f"parameters ({100 * share:.1f}% of the UNet) in blocks '{dp_cfg.dp_blocks}'")
     log.write(stage=STAGE, event="plan", differentially_private=False, q=q, steps=steps, trainable=n_train)
     mech = Mechanism(q, clip=None, sigma=0.0, divisor=q * len(data))  # no clipping, no noise: NOT private
     secret = seeded_secret(cfg.run.seed, f"--seed {cfg.run.seed} (not private)")
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = make_optimizer(d, task.params)
+    opt = make_optimizer(dp_cfg, task.params)
     start = restore(path, cfg, unet, ema, opt) if resume and os.path.exists(path) else 0
 
     def save(step, done):
@@ -65,8 +66,8 @@ def train_finetune_nonprivate(cfg, out, device, resume, log, write_samples, dist
     for step in tqdm(range(start, steps), desc=f"{STAGE} (NOT DP)", initial=start, total=steps):
         if stop_at is not None and step >= stop_at:
             return None
-        dp_step(task, mech, secret, step, opt, lr_at(step, d.lr, d.warmup))
-        ema_update(ema, unet, d.dp_ema)
+        dp_step(task, mech, secret, step, opt, lr_at(step, dp_cfg.lr, dp_cfg.warmup))
+        ema_update(ema, unet, dp_cfg.dp_ema)
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
             log.write(stage=STAGE, step=step + 1, lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.run.ckpt_every == 0:

@@ -5,7 +5,6 @@ parameters are differentiated; the frozen ones enter as constants. Memory is bou
 one physical micro-batch, whatever the logical batch.
 """
 
-import torch
 from torch.func import functional_call, grad, vmap
 
 

@@ -17,6 +17,8 @@ from prv_accountant.privacy_random_variables import (PoissonSubsampledGaussianMe
                                                      PrivacyRandomVariableTruncated)
 from scipy import integrate, special
 
+from ldm.errors import UserError
+
 
 class SubsampledGaussianAddPRV(PrivacyRandomVariable):
     """Privacy loss random variable of one SGM step in the "add" direction, for prv-accountant 0.2.0.

@@ -8,8 +8,8 @@ the public bound --private-size). No value computed from private data appears he
 import os
 
 from dp.accountant import neighbouring_relation
+from dp.select import selection_size
 from ldm.checkpoint import atomic_write_json
-from dp.select import trainable_share
 
 THREAT_MODEL = ("The adversary knows the code, the resolved configuration (seeds included), every file the run "
                 "writes (checkpoints, logs, the privacy ledger, this report, sample grids) and every private "
@@ -26,7 +26,7 @@ def privacy_report(run):
     """The report of a FinetuneRun (dp/finetune.py) after the steps its ledger records, as a flat dict."""
     d, mech = run.cfg.dp, run.mech
     eps = run.ledger.epsilon(d.delta)
-    n_train, share = trainable_share(run.task.unet, run.task.params)
+    n_train, share = selection_size(run.task.unet, run.task.params)
     return dict(
         differentially_private=True, epsilon=eps.epsilon if eps else 0.0, delta=d.delta,
         epsilon_remove=eps.epsilon_remove if eps else None, epsilon_add=eps.epsilon_add if eps else None,
@@ -38,7 +38,7 @@ def privacy_report(run):
                     else "RDP (PRV failed)"),
         epsilon_rdp_crosscheck=eps.epsilon_rdp if eps else None, accountant_warning=eps.warning if eps else None,
         neighbouring_relation=neighbouring_relation, sampling="Poisson, each example independently with rate q",
-        trainable_parameters=n_train, trainable_share=share, dp_blocks=d.dp_blocks,
+        trainable_parameters=n_train, selection_size=share, dp_blocks=d.dp_blocks,
         per_sample_clipping=run.task.method, noise_source=run.secret.source, threat_model=THREAT_MODEL,
         not_covered=list(NOT_COVERED))
 
@@ -51,7 +51,7 @@ def report_text(report):
             f"{_fmt(report['epsilon_add'])}), by {report['accountant']} (RDP cross-check "
             f"{_fmt(report['epsilon_rdp_crosscheck'])}) of {report['steps']} steps of the Poisson-subsampled "
             f"Gaussian mechanism with q={report['q']:.6g}, sigma={report['sigma']:.4f}, clipping C={report['clip']:g}, "
-            f"training {report['trainable_parameters']:,} parameters ({100 * report['trainable_share']:.1f}% of the "
+            f"training {report['trainable_parameters']:,} parameters ({100 * report['selection_size']:.1f}% of the "
             f"UNet). Randomness: {report['noise_source']}. Threat model: {report['threat_model']} Not covered: "
             f"{'; '.join(report['not_covered'])}.")
 

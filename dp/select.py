@@ -55,7 +55,7 @@ def select_parameters(unet, spec, class_embed=True):
     return selected
 
 
-def trainable_share(unet, selected):
+def selection_size(unet, selected):
     """(number of trainable parameters, their share of all UNet parameters)."""
     n = sum(p.numel() for p in selected.values())
     return n, n / sum(p.numel() for p in unet.parameters())

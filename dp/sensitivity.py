@@ -18,9 +18,9 @@ import torch
 
 from dp.select import select_parameters
 from dp.step import Task, gradient_sum
+from ldm.build import build_diffusion, build_unet, latent_shape
 from ldm.data import num_classes
 from ldm.distributed import Dist
-from ldm.runtime import build_diffusion, build_unet, latent_shape
 
 TOLERANCE = 1e-5  # relative slack for fp32 rounding of the sums
 POSITIONS = ("first", "middle", "last")

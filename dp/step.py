@@ -96,8 +96,8 @@ def gradient_sum(task, clip, secret, step, idx, dist=Dist()):
     shard of `idx`: a list of fp32 tensors. The micro-batch size changes memory only, never the result."""
     device = task.latents[0].device
     total = [torch.zeros(s, dtype=torch.float32, device=device) for s in task.shapes]
-    mine = idx[shard(len(idx), dist)]
-    for chunk in mine.split(task.physical_batch) if len(mine) else ():
+    local = idx[shard(len(idx), dist)]
+    for chunk in local.split(task.physical_batch) if len(local) else ():
         for acc, g in zip(total, summed_gradients(task, clip, example_inputs(task, secret, step, chunk))):
             acc.add_(g)
     return total

@@ -37,6 +37,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_NORM, NOISE_STD, DIVISOR, SEED = 1.0, 1.0, 256.0, 0  # a benchmark: a fixed seed is fine here
 
 
+MIN_P = 16  # param_sizes splits P into 16 tensors of at least one coordinate each
+
+
 def param_sizes(total):
     """Split `total` coordinates like an attention block: 8 weights interleaved with 8 biases/norms."""
     small = max(1, total // 2000)
@@ -175,6 +178,9 @@ def parse_sizes(text):
             sizes.append((int(b), int(float(p))))
         except ValueError:
             raise argparse.ArgumentTypeError(f"--sizes items are BxP, like 64x1e5; got {item!r}") from None
+        if sizes[-1][0] < 1 or sizes[-1][1] < MIN_P:
+            raise argparse.ArgumentTypeError(f"--sizes {item!r}: need B >= 1 examples and P >= {MIN_P} coordinates "
+                                             f"(P is split into 16 tensors, none of them empty)")
     return sizes
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.config import downsampling_factor
 from ldm.nn import Downsample, ResBlock, Upsample, group_norm
 
 
@@ -78,8 +79,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.encoder = Encoder(in_ch, ch, mult, res_blocks, z_ch)
         self.decoder = Decoder(in_ch, ch, mult, res_blocks, z_ch)
-        self.factor = 2 ** (len(mult) - 1)
-        self.z_ch = z_ch
+        self.factor = downsampling_factor(mult)
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
     @classmethod

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 
 from ldm.errors import UserError
 
+SAMPLERS = ("ddim", "dpm++2m")  # ldm/diffusion.py `Diffusion.sample`
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -55,8 +57,9 @@ class DiffusionConfig:
     timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0155
-    sample_steps: int = 200  # DDIM steps used for sample grids
-    eta: float = 1.0  # DDIM eta: 0 deterministic, 1 as stochastic as DDPM
+    sample_steps: int = 200  # sampler steps (model evaluations) for sample grids and sample.py
+    eta: float = 1.0  # DDIM eta: 0 deterministic, 1 as stochastic as DDPM (DPM-Solver++ is deterministic)
+    sampler: str = "ddim"  # ddim or dpm++2m (ldm/diffusion.py); sampling only, never training
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ PRESETS = {
         pretrain_ema=0.995, epsilon=10.0, delta=1e-5, clip=1e-2, expected_batch=256, epochs=1.0,
         physical_batch=128, lr=5e-4, warmup=10, dp_ema=0.95, log_every=25, ckpt_every=50,
     ),
-    # The original work's configurations (see FACTS.md), meant for GPUs.
+    # The original work's released configurations (Lyu et al. 2023, "Differentially Private Latent Diffusion
+    # Models"), meant for GPUs.
     "paper-mnist": dict(
         public="svhn", private="mnist", channels=1,
         ae_channels=64, ae_mult=(1, 2, 3, 5), ae_latent_channels=3, ae_steps=50000, ae_batch=64,
@@ -157,6 +161,12 @@ PRESETS = {
         epsilon=10.0, delta=1e-6, clip=1e-3, expected_batch=2048, epochs=30.0, physical_batch=32,
     ),
 }
+
+
+def downsampling_factor(mult):
+    """The spatial factor of an encoder (or UNet) with channel multipliers `mult`: one halving per level after
+    the first."""
+    return 2 ** (len(mult) - 1)
 
 
 def _field_owner():
@@ -184,8 +194,8 @@ def make_config(preset, overrides=None):
     parts = {}
     for comp in COMPONENTS:
         cls = Config.__dataclass_fields__[comp].default_factory
-        mine = {k: v for k, v in values.items() if FIELD_OWNER[k] == comp}
-        parts[comp] = replace(cls(), **mine)
+        own = {k: v for k, v in values.items() if FIELD_OWNER[k] == comp}
+        parts[comp] = replace(cls(), **own)
     cfg = Config(preset=preset, **parts)
     validate(cfg)
     return cfg
@@ -198,7 +208,7 @@ def config_to_dict(cfg):
 
 # Fields added after checkpoints were first written, with the value that reproduces what older code did.
 # Only fields that change neither the model nor the privacy guarantee belong here.
-ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None}}
+ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None}, "diffusion": {"sampler": "ddim"}}
 
 
 def config_from_dict(d):
@@ -239,7 +249,7 @@ def validate(cfg):
             if isinstance(value, tuple) and (not value or any((not isinstance(v, int)) or v < 1 for v in value)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a comma-separated list of positive integers, got {value!r}")
     choices = {"ae_loss": ("l1", "l2"), "optimizer": ("adamw", "sgd"), "clip_backend": ("auto", "triton", "torch"),
-               "grad_method": ("auto", "bookkeeping", "vmap"),
+               "grad_method": ("auto", "bookkeeping", "vmap"), "sampler": SAMPLERS,
                "device": ("auto", "cpu", "cuda")}
     for name, allowed in choices.items():
         value = getattr(getattr(cfg, FIELD_OWNER[name]), name)
@@ -253,10 +263,10 @@ def validate(cfg):
         raise UserError(f"--sample-steps ({cfg.diffusion.sample_steps}) cannot exceed --timesteps ({cfg.diffusion.timesteps})")
     if not 0.0 <= cfg.diffusion.eta <= 1.0:
         raise UserError(f"--eta must lie in [0, 1], got {cfg.diffusion.eta}")
-    f = 2 ** (len(cfg.ae.ae_mult) - 1)
-    if cfg.data.image_size % (f * 2 ** (len(cfg.unet.unet_mult) - 1)):
+    f, g = downsampling_factor(cfg.ae.ae_mult), downsampling_factor(cfg.unet.unet_mult)
+    if cfg.data.image_size % (f * g):
         raise UserError(f"--image-size {cfg.data.image_size} must be divisible by the autoencoder factor {f} "
-                        f"times the UNet's {2 ** (len(cfg.unet.unet_mult) - 1)}")
+                        f"times the UNet's {g}")
     bad = [lv for lv in cfg.unet.unet_attention_levels if lv > len(cfg.unet.unet_mult)]
     if bad:
         raise UserError(f"--unet-attention-levels {bad} do not exist: the UNet has levels 1..{len(cfg.unet.unet_mult)}")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import UserError
 
 
@@ -219,7 +220,8 @@ def _celeba(data_cfg, split):
         img = img.crop(((w - 140) // 2, (h - 140) // 2, (w + 140) // 2, (h + 140) // 2)).resize((size, size))
         x[i] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
     y = np.zeros(len(x), np.int64)  # unconditional: one class
-    _atomic_npz(cache, x=x, y=y)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    atomic_write_bytes(cache, lambda f: np.savez(f, x=x, y=y))
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -251,13 +253,6 @@ def _synthdigits(data_cfg, split):
     n = data_cfg.synth_n if split == "train" else max(1, data_cfg.synth_n // 6)
     x, y = load_synthdigits(data_cfg.cache_dir, n, seed, size=data_cfg.image_size)
     return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
-
-
-def _atomic_npz(path, **arrays):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 _LOADERS = {"mnist": _mnist, "emnist-letters": _emnist_letters, "svhn": _svhn, "cifar10": _cifar10,

@@ -1,11 +1,18 @@
-"""Gaussian diffusion in latent space: schedule, forward noising, the training loss, DDIM sampling, EMA.
+"""Gaussian diffusion in latent space: schedule, forward noising, the training loss, two samplers, EMA.
+
+Samplers (`sample`, `--sampler`): DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022), both on the
+trained epsilon-prediction model; neither changes training.
 
 Notation of Ho et al. 2020 ("Denoising Diffusion Probabilistic Models"): beta_t, alpha_t = 1 - beta_t,
 abar_t = prod_{s<=t} alpha_s. Timesteps are 0-indexed: t in {0, ..., T-1}.
 """
 
+import math
+
 import torch
 from tqdm import tqdm
+
+from ldm.config import SAMPLERS
 
 
 class Diffusion:
@@ -41,6 +48,52 @@ class Diffusion:
         """Epsilon-prediction L2 loss (Ho et al. 2020, Eq. 14), mean over coordinates: (B,)."""
         pred = model(self.q_sample(x0, t, noise), t, y)
         return (pred - noise).pow(2).flatten(1).mean(1)
+
+    def sample(self, model, shape, y, steps, generator, sampler="ddim", eta=1.0, progress=False):
+        """Latents (B, z, h, w) from `steps` model evaluations of `sampler` (one of SAMPLERS)."""
+        if sampler == "dpm++2m":
+            return self.dpm_solver_sample(model, shape, y, steps, generator, progress)
+        if sampler != "ddim":
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        return self.ddim_sample(model, shape, y, steps, eta, generator, progress)
+
+    def log_snr_timesteps(self, steps):
+        """Up to `steps` timesteps, largest first, whose lambda_t = log(sqrt(abar_t / (1 - abar_t))) lies nearest
+        to `steps` points uniform in lambda from lambda_{T-1} to lambda_0 (duplicates dropped): the spacing
+        DPM-Solver recommends (Lu et al. 2022, Sec. 3.3)."""
+        lam = 0.5 * torch.log(self.abar / (1.0 - self.abar))  # (T,) increasing as t decreases
+        targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+        nearest = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()
+        return list(dict.fromkeys(nearest))
+
+    @torch.no_grad()
+    def dpm_solver_sample(self, model, shape, y, steps, generator, progress=False):
+        """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+        Probabilistic Models", Algorithm 2): the data prediction x0 = (x - sigma_t eps) / alpha_t, a multistep
+        second-order update in lambda = log(alpha_t / sigma_t), first order on the first step.
+
+        alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t). At most `steps` evaluations, at `log_snr_timesteps`;
+        the result is the last x0 prediction, at t = 0. Deterministic: the generator draws only the starting
+        noise. The update is in float32 (its coefficients in float64).
+        """
+        device = y.device
+        ts = self.log_snr_timesteps(steps)
+        alpha, sigma = self.abar.sqrt(), (1.0 - self.abar).sqrt()
+        lam = torch.log(alpha / sigma)
+        x = torch.randn(shape, generator=generator, device=generator.device).to(device)
+        x0_prev, h_prev = None, None
+        for i in tqdm(range(len(ts)), desc="dpm-solver++", disable=not progress, leave=False):
+            t = ts[i]
+            eps = model(x, torch.full((shape[0],), t, device=device, dtype=torch.long), y)
+            x0 = (x - float(sigma[t]) * eps) / float(alpha[t])
+            if i == len(ts) - 1:
+                return x0
+            s = ts[i + 1]
+            h = float(lam[s] - lam[t])
+            blend = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * x0_prev
+            x = float(sigma[s] / sigma[t]) * x - float(alpha[s]) * math.expm1(-h) * blend
+            x0_prev, h_prev = x0, h
+        return x
 
     @torch.no_grad()
     def ddim_sample(self, model, shape, y, steps, eta, generator, progress=False):

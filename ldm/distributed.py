@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from ldm.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self):
@@ -30,6 +31,15 @@ class Dist:
     @property
     def enabled(self):
         return self.world > 1
+
+
+def pick_device(name):
+    """--device auto|cpu|cuda: auto takes CUDA when there is one; cuda without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
 
 
 def init_distributed(device, timeout_s):
@@ -47,47 +57,34 @@ def init_distributed(device, timeout_s):
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout_s))
-    return Dist(rank, world, local), device
+    return Dist(rank, world), device
 
 
-def shutdown(d):
-    if d.enabled and tdist.is_initialized():
+def shutdown(dist):
+    if dist.enabled and tdist.is_initialized():
         tdist.destroy_process_group()
 
 
-def all_reduce_sum_(tensors, d):
+def all_reduce_sum_(tensors, dist):
     """In place: every rank ends with the sum over ranks of each tensor."""
-    if d.enabled:
+    if dist.enabled:
         for t in tensors:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
 
 
-def average_gradients_(module, d):
-    """Data-parallel training: every parameter's .grad becomes the mean over ranks."""
-    if d.enabled:
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        all_reduce_sum_(grads, d)
-        for g in grads:
-            g.div_(d.world)
-
-
-def broadcast_(tensor, d):
+def broadcast_(tensor, dist):
     """In place: every rank ends with rank 0's tensor."""
-    if d.enabled:
+    if dist.enabled:
         tdist.broadcast(tensor, src=0)
     return tensor
 
 
-def broadcast_int(value, d, device):
-    return int(broadcast_(torch.tensor([value], dtype=torch.long, device=device), d).item())
-
-
-def barrier(d):
-    if d.enabled:
+def barrier(dist):
+    if dist.enabled:
         tdist.barrier()
 
 
-def shard(n, d):
+def shard(n, dist):
     """This rank's part of a global batch of n rows: a slice, so every row has exactly one owner."""
-    per = -(-n // d.world)
-    return slice(min(n, d.rank * per), min(n, (d.rank + 1) * per))
+    per = -(-n // dist.world)
+    return slice(min(n, dist.rank * per), min(n, (dist.rank + 1) * per))

@@ -1,6 +1,6 @@
 """The one exception type a user is meant to see.
 
-Entry points (`train.py`, `sample.py`, `python -m ...`) catch `UserError`, print its message as
+Entry points (`train.py`, `sample.py`, `evaluate.py`, `python -m ...`) catch `UserError`, print its message as
 one line prefixed with ``error:`` and exit with status 2. Anything else is a bug and keeps its
 traceback.
 """

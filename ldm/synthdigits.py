@@ -28,7 +28,6 @@ it contains no MNIST example.
 import functools
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import PIL
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
+from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import UserError
 
 FONT_DIRS = (
@@ -262,20 +262,6 @@ def _read(path: Path, n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None
     return x, y
 
 
-def _write_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_synthdigits(root: str, n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """`make_synthdigits(n, seed, size)`, cached in `cache_path(root, n, seed, size)`.
 
@@ -293,7 +279,7 @@ def load_synthdigits(root: str, n: int, seed: int, size: int = 32) -> tuple[np.n
         raise UserError(f"synthdigits: cannot create cache folder {path.parent} ({e.strerror}); pass a writable root") from e
     x, y = _generate(n, seed, size, progress=True)
     try:
-        _write_atomic(path, x, y)
+        atomic_write_bytes(str(path), lambda f: np.savez(f, x=x, y=y))
     except OSError as e:
         raise UserError(f"synthdigits: cannot write to cache folder {path.parent} ({e.strerror}); pass a writable root") from e
     return x, y

@@ -1,6 +1,7 @@
 """Tests for dp/accountant.py: pinned public figures, independent numerical checks, the CLI.
 
-Reference figures come from /work/shared/FACTS.md (public accountants), not from this code.
+Reference figures were computed with public accountants (prv-accountant's PRV estimate, the RDP bound of
+Mironov, Talwar, Zhang 2019), not with this code.
 PRV calls cost about a second each; the module memoises them, so repeated parameters are free.
 The add direction is checked against a Monte-Carlo CDF, the exact one-step hockey-stick
 divergence, and a plain numpy PLD composition written here.
@@ -23,14 +24,14 @@ from dp import accountant as acc
 from dp import rdp
 from ldm.errors import UserError
 
-# (sigma, q, steps, delta, PRV estimate, RDP epsilon), FACTS.md "Privacy accounting numbers".
+# (sigma, q, steps, delta, PRV estimate, RDP epsilon), from those public accountants.
 REFERENCE = [
     (1.0, 256 / 60000, 2340, 1e-5, 1.099, 1.352),
     (0.6, 0.01, 1000, 1e-5, 7.434, 8.666),
     (2.0, 0.001, 100000, 1e-6, 0.697, 0.753),
     (5.0, 0.1, 500, 1e-5, 1.806, 1.969),
 ]
-# (target epsilon, sigma) for q = 256/60000, steps = 2343, delta = 1e-5, FACTS.md "Calibration".
+# (target epsilon, sigma) for q = 256/60000, steps = 2343, delta = 1e-5, from those public accountants.
 CALIBRATION = [(1.0, 1.06), (3.0, 0.694), (8.0, 0.524)]
 CAL_Q, CAL_STEPS, CAL_DELTA = 256 / 60000, 2343, 1e-5
 
@@ -471,3 +472,9 @@ def test_module_entry_point_exits_2_without_traceback():
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
     assert completed.stderr.startswith("error: q = 2.0") and "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("q,sigma", [(0.0, 1.0), (1.5, 1.0), (0.1, 0.0)])
+def test_add_direction_prv_refuses_parameters_outside_its_domain_with_a_user_error(q, sigma):
+    with pytest.raises(UserError, match="add-direction PRV needs 0 < q <= 1 and sigma > 0"):
+        acc.SubsampledGaussianAddPRV(q, sigma)

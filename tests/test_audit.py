@@ -18,12 +18,12 @@ from dp import audit, canaries
 from dp.accountant import compute_epsilon
 from dp.finetune import encode_private, load_pretrained, private_task
 from dp.per_sample import per_sample_grads
-from dp.select import select_parameters
 from dp.randomness import seeded_secret
+from dp.select import select_parameters
 from kernels.clip_noise import clip_and_noise, clip_factors
+from ldm.build import build_diffusion
 from ldm.config import make_config
 from ldm.data import load_dataset
-from ldm.runtime import build_diffusion
 
 # smoke model (its 60 + 60 public steps), 64 fake images per set: each audited run takes seconds
 TINY = ["--preset", "smoke", "--fake-n", "64",

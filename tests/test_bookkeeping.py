@@ -6,15 +6,15 @@ import torch.nn as nn
 
 import dp.bookkeeping as bk
 from dp.finetune import resolve_grad_method
-from dp.randomness import seeded_secret
-from dp.step import Mechanism, Task, private_gradient
 from dp.per_sample import per_sample_grads
+from dp.randomness import seeded_secret
 from dp.select import select_parameters
+from dp.step import Mechanism, Task, private_gradient
 from kernels.clip_noise import clip_and_noise_reference
+from ldm.build import build_unet, latent_shape
 from ldm.config import make_config
 from ldm.diffusion import Diffusion
 from ldm.errors import UserError
-from ldm.runtime import build_unet, latent_shape
 
 
 def random_unet(preset="smoke"):

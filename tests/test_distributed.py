@@ -31,7 +31,7 @@ def one_dp_step(rank, world, port, out_path):
     from ldm.config import make_config
     from ldm.diffusion import Diffusion
     from ldm.distributed import Dist
-    from ldm.runtime import build_unet
+    from ldm.build import build_unet
 
     torch.set_num_threads(1)
     if world > 1:
@@ -46,7 +46,7 @@ def one_dp_step(rank, world, port, out_path):
     idx = torch.tensor([0, 1, 4, 5, 7, 9, 11])
     task = Task(unet, Diffusion(), params, (mean, std), torch.arange(12) % 10, physical_batch=2)
     grads = private_gradient(task, Mechanism(q=0.5, clip=0.05, sigma=0.7, divisor=4.0), seeded_secret(99, "test"),
-                             5, idx, dist=Dist(rank, world, rank))
+                             5, idx, dist=Dist(rank, world))
     torch.save(grads, f"{out_path}.{rank}")
     if world > 1:
         tdist.destroy_process_group()

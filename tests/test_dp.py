@@ -4,10 +4,14 @@ import json
 import os
 import shutil
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 
+import dp.finetune
+import ldm.autoencoder_stage
+import ldm.pretrain_stage
 import train
 from dp.finetune import train_finetune
 from dp.per_sample import per_sample_grads
@@ -15,11 +19,14 @@ from dp.poisson import num_steps, sampling_rate
 from dp.randomness import poisson_sample, run_secret, seeded_secret
 from dp.select import parse_blocks, select_parameters
 from dp.step import Mechanism, Task, example_inputs, private_gradient
+from ldm.autoencoder_stage import train_autoencoder
+from ldm.build import build_unet
 from ldm.checkpoint import load_checkpoint
 from ldm.config import make_config
 from ldm.diffusion import Diffusion
 from ldm.errors import UserError
-from ldm.runtime import MetricsLog, build_unet
+from ldm.metrics_log import MetricsLog
+from ldm.pretrain_stage import train_pretrain
 
 BASE = {"ae_steps": 10, "pretrain_steps": 10, "ckpt_every": 4, "log_every": 4}
 
@@ -30,8 +37,8 @@ def pretrained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pre"))
     cfg = make_config("smoke", BASE)
     log = MetricsLog(os.path.join(out, "metrics.jsonl"))
-    train.train_autoencoder(cfg, out, torch.device("cpu"), False, log)
-    train.train_pretrain(cfg, out, torch.device("cpu"), False, log)
+    train_autoencoder(cfg, out, torch.device("cpu"), False, log)
+    train_pretrain(cfg, out, torch.device("cpu"), False, log)
     return out
 
 
@@ -46,10 +53,9 @@ def fresh_run(pretrained, tmp_path, name="run"):
 def finetune(out, resume=False, stop_at=None, **overrides):
     cfg = make_config("smoke", {**BASE, "noise_seed": 3, **overrides})
     log = MetricsLog(os.path.join(out, "metrics.jsonl"))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), mock.patch.object(dp.finetune, "write_samples", lambda *a: "skipped"):
         warnings.simplefilter("ignore")  # the --noise-seed warning, tested on its own
-        return cfg, train_finetune(cfg, out, torch.device("cpu"), resume, log,
-                                   write_samples=lambda *a: "skipped", stop_at=stop_at)
+        return cfg, train_finetune(cfg, out, torch.device("cpu"), resume, log, stop_at=stop_at)
 
 
 def small_unet():
@@ -210,16 +216,17 @@ def test_finetune_changes_only_selected_parameters_and_never_the_autoencoder(pre
 
 def test_private_set_never_reaches_public_stages(tmp_path, monkeypatch):
     roles = []
-    real = train.load_dataset
+    real = ldm.autoencoder_stage.load_dataset
 
     def spy(name, data_cfg, role, split="train"):
         roles.append((name, role))
         return real(name, data_cfg, role, split)
-    monkeypatch.setattr(train, "load_dataset", spy)
+    for stage in (ldm.autoencoder_stage, ldm.pretrain_stage):  # the only readers of data in the public stages
+        monkeypatch.setattr(stage, "load_dataset", spy)
     cfg = make_config("smoke", {**BASE, "public": "fake", "private": "mnist", "data_root": str(tmp_path / "none")})
     log = MetricsLog(str(tmp_path / "m.jsonl"))
-    train.train_autoencoder(cfg, str(tmp_path), torch.device("cpu"), False, log)
-    train.train_pretrain(cfg, str(tmp_path), torch.device("cpu"), False, log)
+    train_autoencoder(cfg, str(tmp_path), torch.device("cpu"), False, log)
+    train_pretrain(cfg, str(tmp_path), torch.device("cpu"), False, log)
     assert roles and all(r == ("fake", "public") for r in roles)
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: the Frechet distance against direct float64 computations, the FID Inception network's structure
-and strict loading, validation of the synthetic .npz, model selection on synthetic data only, the command."""
+"""Evaluation (`evaluate.py` and `metrics/`): the Frechet distance against direct float64 computations, the FID
+Inception network's structure and strict loading, validation of the synthetic .npz, model selection on synthetic
+data only, the digit feature network's cache, the command."""
 
 import json
 import os
@@ -13,13 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionE
 
+import evaluate
 from conftest import ROOT, SHARED_DATA
-from ldm import classifiers, evaluate
-from ldm.config import make_config
+from ldm.config import DataConfig
 from ldm.data import load_dataset, make_fake
 from ldm.errors import UserError
-from ldm.evaluate import feature_stats, frechet_distance
-from ldm.inception import FIDInceptionA, FIDInceptionE, FIDInceptionV3, fid_input, load_fid_inception
+from metrics import classifiers, feature_cnn, synthetic
+from metrics.frechet import feature_stats, frechet_distance
+from metrics.inception import FIDInceptionA, FIDInceptionE, FIDInceptionV3, fid_input, load_fid_inception
 
 MNIST = os.path.join(SHARED_DATA, "MNIST", "raw", "t10k-images-idx3-ubyte")
 
@@ -160,7 +162,7 @@ def test_inception_mismatched_weights_are_clear_errors(inception, tmp_path):
 
 @pytest.fixture(scope="module")
 def fake_test():
-    return load_dataset("fake", make_config("quick", {"public": "fake", "private": "fake"}).data, "private", "test")
+    return load_dataset("fake", DataConfig(public="fake", private="fake"), "private", "test")
 
 
 def write_npz(path, n=300, seed=5, **override):
@@ -172,7 +174,7 @@ def write_npz(path, n=300, seed=5, **override):
 
 
 def test_valid_npz_loads_channels_first(fake_test, tmp_path):
-    s = evaluate.load_synthetic(write_npz(tmp_path / "s.npz"), fake_test)
+    s = synthetic.load_synthetic(write_npz(tmp_path / "s.npz"), fake_test)
     assert s.x.shape == (300, 1, 32, 32) and s.x.dtype == torch.uint8 and s.y.dtype == torch.int64
 
 
@@ -187,7 +189,7 @@ def test_valid_npz_loads_channels_first(fake_test, tmp_path):
 ])
 def test_bad_npz_is_a_clear_error(fake_test, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
-        evaluate.load_synthetic(write_npz(tmp_path / "s.npz", **override), fake_test)
+        synthetic.load_synthetic(write_npz(tmp_path / "s.npz", **override), fake_test)
 
 
 def test_bad_input_from_the_command_is_one_line_exit_2(tmp_path, capsys):
@@ -204,6 +206,21 @@ def test_bad_input_from_the_command_is_one_line_exit_2(tmp_path, capsys):
     assert evaluate.main(command(ok, "--n-val", "100", "--inception-weights", str(tmp_path / "w.pth"))) == 2
     err = capsys.readouterr().err
     assert "w.pth does not match the FID Inception network" in err and err.count("\n") == 1
+
+
+def test_real_data_config_is_built_from_the_flags_not_a_training_preset(tmp_path, capsys):
+    def config(*extra):
+        return evaluate.real_data_config(evaluate.parse_args(["--synthetic", "s.npz", "--data-root", str(tmp_path),
+                                                              *extra]))
+
+    assert config("--real", "fake", "--image-size", "28", "--channels", "3") == DataConfig(
+        public="fake", private="fake", data_root=str(tmp_path), image_size=28, channels=3)  # 28: no model factor
+    assert config("--cache-dir", str(tmp_path / "c")).cache_dir == str(tmp_path / "c")
+    assert config().cache_dir == DataConfig().cache_dir and config().private == "mnist"
+    with pytest.raises(UserError, match="unknown --real data set 'digits'"):
+        config("--real", "digits")
+    assert evaluate.main(["--synthetic", "s.npz", "--real", "fake", "--channels", "2"]) == 2
+    assert "--channels must be 0 (automatic), 1 or 3, got 2" in capsys.readouterr().err
 
 
 # ---- model selection on synthetic data only -----------------------------------------------------------------
@@ -243,17 +260,17 @@ def test_train_and_select_keeps_best_epoch_and_is_deterministic():
 # ---- the digit-classifier Frechet distance and FID through the command -----------------------------------
 
 def test_feature_network_is_cached_atomically_and_reused(tmp_path, monkeypatch):
-    cfg = make_config("quick", {"public": "fake", "private": "fake", "cache_dir": str(tmp_path / "cache")}).data
+    cfg = DataConfig(public="fake", private="fake", cache_dir=str(tmp_path / "cache"))
     recipe, cpu = classifiers.FeatureRecipe(epochs=1), torch.device("cpu")
-    net, info = evaluate.feature_network(cfg, cpu, recipe)
+    net, info = feature_cnn.feature_network(cfg, cpu, recipe)
     assert info["trained_now"] and os.listdir(tmp_path / "cache" / "eval") == ["feature_cnn_fake_32px_1ch.pt"]
     monkeypatch.setattr(classifiers, "train_feature_cnn", lambda *a: pytest.fail("retrained a cached network"))
-    again, info2 = evaluate.feature_network(cfg, cpu, recipe)
+    again, info2 = feature_cnn.feature_network(cfg, cpu, recipe)
     assert not info2["trained_now"] and info2["train_accuracy"] == info["train_accuracy"]
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     (tmp_path / "cache" / "eval" / "feature_cnn_fake_32px_1ch.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupt.*delete it"):
-        evaluate.feature_network(cfg, cpu, recipe)
+        feature_cnn.feature_network(cfg, cpu, recipe)
 
 
 class TinyFeatures(nn.Module):
@@ -286,13 +303,14 @@ def test_command_fd_and_fid_are_zero_for_the_real_set_itself(fake_test, tmp_path
 
 @pytest.mark.skipif(not os.path.exists(MNIST), reason="real MNIST not available under ../shared/data")
 def test_command_on_mnist_prints_one_json_object(tmp_path):
-    cfg = make_config("quick", {"data_root": SHARED_DATA}).data
+    cfg = DataConfig(public="mnist", private="mnist", data_root=SHARED_DATA)
     train = load_dataset("mnist", cfg, "private", split="train")
     path = str(tmp_path / "synth.npz")
     np.savez(path, x=train.x[:3000, 0].numpy(), y=train.y[:3000].numpy())  # stand-in "synthetic" set
     out = str(tmp_path / "eval.json")
-    cmd = [sys.executable, "-m", "ldm.evaluate", "--synthetic", path, "--real", "mnist", "--data-root", SHARED_DATA,
-           "--n-val", "500", "--classifiers", "logreg,mlp", "--epochs", "3", "--no-fd", "--out", out]
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--synthetic", path, "--real", "mnist",
+           "--data-root", SHARED_DATA, "--n-val", "500", "--classifiers", "logreg,mlp", "--epochs", "3", "--no-fd",
+           "--out", out]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

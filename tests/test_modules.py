@@ -9,10 +9,68 @@ from ldm.nn import ResBlock, timestep_embedding
 from ldm.unet import UNet
 
 
-def grads_flow(module, out):
+def grads_flow(module, out, structurally_zero=None):
+    """Backpropagate mean(out^2) and check every parameter of `module` got a usable gradient from it.
+
+    Fails when a gradient is None, not finite or all zero. `structurally_zero` maps the name of each parameter whose
+    gradient is zero by construction to the reason; those gradients must then be exactly zero (an exemption that no
+    longer holds fails too), so nothing is skipped silently.
+    """
+    structurally_zero = structurally_zero or {}
+    params = dict(module.named_parameters())
+    unknown = sorted(set(structurally_zero) - set(params))
+    assert not unknown, f"exemptions that name no parameter: {unknown}"
+    module.zero_grad(set_to_none=True)
     out.square().mean().backward()
-    missing = [n for n, p in module.named_parameters() if p.grad is None]
+    missing = [n for n, p in params.items() if p.grad is None]
     assert not missing, f"no gradient reached {missing}"
+    not_finite = [n for n, p in params.items() if not torch.isfinite(p.grad).all()]
+    assert not not_finite, f"non-finite gradient in {not_finite}"
+    zero = {n for n, p in params.items() if not p.grad.any()}
+    unexplained = sorted(zero - set(structurally_zero))
+    assert not unexplained, f"all-zero gradient in {unexplained}"
+    stale = {n: structurally_zero[n] for n in sorted(set(structurally_zero) - zero)}
+    assert not stale, f"gradients said to be zero by construction are not: {stale}"
+
+
+BEFORE_ZERO_CONV = "residual path before a ResBlock's zero-initialised conv2, whose zero weight passes back no gradient"
+SINGLE_TOKEN = ("cross-attention to one context token: its softmax is identically 1 whatever q and k, so the query "
+                "and key weights and the LayerNorm before them get no gradient")
+
+
+def before_zero_conv(module):
+    """Names of the parameters of every ResBlock in `module` that sit before its conv2 (all but conv2 and skip)."""
+    names = {}
+    for prefix, m in module.named_modules():
+        if isinstance(m, ResBlock):
+            for n, _ in m.named_parameters():
+                if not n.startswith(("conv2.", "skip.")):
+                    names[f"{prefix}.{n}" if prefix else n] = BEFORE_ZERO_CONV
+    return names
+
+
+def single_token_query_key(module):
+    """Names of attn2.to_q, attn2.to_k and norm2 parameters of every SpatialTransformer in `module`."""
+    names = {}
+    for prefix, m in module.named_modules():
+        if isinstance(m, SpatialTransformer):
+            for n in ("attn2.to_q.weight", "attn2.to_k.weight", "norm2.weight", "norm2.bias"):
+                names[f"{prefix}.{n}" if prefix else n] = SINGLE_TOKEN
+    return names
+
+
+def test_grads_flow_rejects_silent_gradients():
+    """The helper itself: a missing, a non-finite or an all-zero gradient fails, and so does a stale exemption."""
+    layer, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    with pytest.raises(AssertionError, match=r"no gradient reached \['weight'\]"):
+        grads_flow(layer, x @ layer.weight.detach().T + layer.bias)  # the weight is cut out of the graph
+    with pytest.raises(AssertionError, match=r"non-finite gradient in \['weight', 'bias'\]"):
+        grads_flow(layer, layer(x) * float("nan"))
+    with pytest.raises(AssertionError, match=r"all-zero gradient in \['bias', 'weight'\]"):
+        grads_flow(layer, layer(x) * 0.0)
+    with pytest.raises(AssertionError, match="said to be zero by construction are not: {'bias': 'claimed'}"):
+        grads_flow(layer, layer(x), {"bias": "claimed"})
+    grads_flow(layer, layer(x))
 
 
 def test_timestep_embedding_shape_and_distinct():
@@ -27,7 +85,9 @@ def test_resblock_starts_as_skip_and_trains():
     out = block(x, emb)
     assert out.shape == (2, 16, 6, 6)
     assert torch.allclose(out, block.skip(x))  # zero-initialised conv2: the residual path is 0
-    grads_flow(block, out + block.conv2.weight.sum())
+    grads_flow(block, out, before_zero_conv(block))  # norm1, conv1, emb, norm2: zero until conv2 has moved
+    torch.nn.init.normal_(block.conv2.weight, std=0.05)  # as after a training step
+    grads_flow(block, block(x, emb))
 
 
 def test_attention_self_and_cross_shapes():
@@ -55,8 +115,11 @@ def test_spatial_transformer_is_identity_at_init_and_gets_gradients():
     x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 1, 6)
     out = st(x, ctx)
     assert torch.equal(out, x)  # proj_out is zero-initialised
-    out.square().mean().backward()
-    assert st.proj_out.weight.grad.abs().sum() > 0
+    before_proj_out = {n: "before the zero-initialised proj_out, whose zero weight passes back no gradient"
+                       for n, _ in st.named_parameters() if not n.startswith("proj_out.")}
+    grads_flow(st, out, before_proj_out)
+    torch.nn.init.normal_(st.proj_out.weight, std=0.05)  # as after a training step
+    grads_flow(st, st(x, ctx), single_token_query_key(st))
 
 
 def test_autoencoder_shapes_kl_and_gradients():
@@ -68,8 +131,11 @@ def test_autoencoder_shapes_kl_and_gradients():
     assert torch.all(post.kl() >= 0)
     loss, rec, kl = ae.loss(x, "l1", 1e-6, torch.randn(2, 3, 8, 8))
     assert loss.shape == rec.shape == kl.shape == (2,)
-    loss.sum().backward()
-    assert all(p.grad is not None for p in ae.parameters())
+    grads_flow(ae, loss, before_zero_conv(ae))
+    for m in ae.modules():
+        if isinstance(m, ResBlock):
+            torch.nn.init.normal_(m.conv2.weight, std=0.05)  # as after a training step
+    grads_flow(ae, ae.loss(x, "l1", 1e-6, torch.randn(2, 3, 8, 8))[0])
 
 
 def test_autoencoder_has_no_batchnorm():
@@ -96,15 +162,12 @@ def test_unet_gradients_reach_every_parameter_after_one_step():
     x, t, y = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
     opt = torch.optim.SGD(unet.parameters(), lr=0.1)
     target = torch.randn(4, 3, 8, 8)
-    for _ in range(4):  # zero-initialised layers pass gradients on after they have moved once
+    for _ in range(3):  # zero-initialised layers pass gradients on after they have moved once
         opt.zero_grad()
         (unet(x, t, y) - target).square().mean().backward()
         opt.step()
-    silent = {n for n, p in unet.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
-    # with a single context token the cross-attention softmax is identically 1: its queries, keys and the
-    # norm before them get no gradient (as in latent diffusion's class-conditional models); nothing else is silent
-    expected = {n for n, _ in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n or (n.startswith("attn.") and ".norm2." in n)}
-    assert silent == expected
+    # nothing but the cross-attention query/key path is silent (as in latent diffusion's class-conditional models)
+    grads_flow(unet, unet(x, t, y) - target, single_token_query_key(unet))
 
 
 def test_unet_class_conditioning_changes_output():

@@ -14,11 +14,12 @@ from dp.per_sample import per_sample_grads
 from dp.randomness import seeded_secret
 from dp.select import select_parameters
 from dp.step import Mechanism, Task, example_inputs, private_gradient
+from ldm.build import build_unet
 from ldm.checkpoint import load_checkpoint
 from ldm.config import make_config
 from ldm.diffusion import Diffusion
 from ldm.distributed import Dist
-from ldm.runtime import MetricsLog, build_unet
+from ldm.metrics_log import MetricsLog
 from test_dp import fresh_run  # copies a finished run's public stages into a new folder
 
 BASE = {"ae_steps": 10, "pretrain_steps": 10, "ckpt_every": 4, "log_every": 4}
@@ -77,9 +78,8 @@ def test_stage_trains_only_the_dp_parameters_and_is_marked_not_private(pretraine
 def test_resume_gives_the_same_model_as_a_straight_run(pretrained, tmp_path):
     cfg = make_config("smoke", {**BASE, "ckpt_every": 2})
     straight, resumed = fresh_run(pretrained, tmp_path, "a"), fresh_run(pretrained, tmp_path, "b")
-    skip = lambda *a: "skipped"  # noqa: E731
     run = lambda out, resume, stop_at=None: train_finetune_nonprivate(  # noqa: E731
-        cfg, out, torch.device("cpu"), resume, MetricsLog(None), skip, Dist(), stop_at=stop_at)
+        cfg, out, torch.device("cpu"), resume, MetricsLog(None), Dist(), stop_at=stop_at)
     run(straight, False)
     assert run(resumed, False, stop_at=3) is None
     assert load_checkpoint(os.path.join(resumed, f"{STAGE}.pt"))[0]["step"] == 2

@@ -8,9 +8,9 @@ from dp.randomness import RunSecret, example_draws, noise_key, poisson_sample, r
 from dp.select import select_parameters
 from dp.step import Mechanism, Task, dp_step, make_optimizer
 from kernels.clip_noise import gaussian_noise
+from ldm.build import build_unet
 from ldm.config import make_config
 from ldm.diffusion import Diffusion
-from ldm.runtime import build_unet
 
 
 def secret_from_int(value):

@@ -12,8 +12,8 @@ from PIL import Image
 
 import sample
 import train
+from ldm.build import build_diffusion, latent_shape
 from ldm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from ldm.runtime import build_diffusion, latent_shape
 from ldm.sampling import generate
 
 FLAGS = ["--preset", "smoke", "--ae-steps", "10", "--pretrain-steps", "10", "--ckpt-every", "10", "--log-every", "5",

@@ -1,19 +1,25 @@
 """The public stages end to end: losses fall, checkpoints are exact and strict, runs resume, bad input is refused."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sample
 import train
 from ldm.autoencoder import Autoencoder
+from ldm.autoencoder_stage import train_autoencoder
+from ldm.build import build_unet
 from ldm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from ldm.config import make_config
+from ldm.config import config_from_dict, make_config
+from ldm.data import load_dataset
 from ldm.diffusion import Diffusion
 from ldm.errors import UserError
-from ldm.runtime import MetricsLog, build_unet
+from ldm.metrics_log import MetricsLog
+from ldm.pretrain_stage import train_pretrain
 from ldm.unet import UNet
 
 TINY = ["--preset", "smoke", "--ae-steps", "20", "--pretrain-steps", "20", "--ckpt-every", "10", "--log-every", "5"]
@@ -28,7 +34,7 @@ def run_dir(tmp_path_factory):
 
 def test_vae_loss_falls_on_small_set():
     torch.manual_seed(0)
-    x = train.load_dataset("fake", make_config("smoke").data, "public").x[:64].float() / 127.5 - 1
+    x = load_dataset("fake", make_config("smoke").data, "public").x[:64].float() / 127.5 - 1
     ae = Autoencoder(1, 8, (1, 2, 2), 1, 3)
     opt = torch.optim.AdamW(ae.parameters(), lr=2e-3)
     losses = []
@@ -65,9 +71,24 @@ def test_unet_loss_falls_on_small_set():
 
 
 def test_smoke_run_leaves_checkpoints_grids_and_logs(run_dir):
-    for name in ("autoencoder.pt", "pretrain.pt", "finetune.pt", "samples.png", "reconstructions.png",
-                 "metrics.jsonl", "config.json", "privacy_report.json", "privacy_ledger.jsonl"):
-        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    cfg = make_config("smoke", {"ae_steps": 20, "pretrain_steps": 20, "ckpt_every": 10, "log_every": 5,
+                                "noise_seed": 1})
+    for stage, steps in (("autoencoder", 20), ("pretrain", 20)):
+        state, stored = load_checkpoint(os.path.join(run_dir, f"{stage}.pt"))
+        assert state["stage"] == stage and state["done"] and state["step"] == steps and stored == cfg
+    fine, _ = load_checkpoint(os.path.join(run_dir, "finetune.pt"))
+    report = json.load(open(os.path.join(run_dir, "privacy_report.json")))
+    ledger = [json.loads(line) for line in open(os.path.join(run_dir, "privacy_ledger.jsonl"))]
+    assert fine["done"] and fine["step"] == report["steps"] == len(ledger) > 0
+    assert 0 < report["epsilon"] <= cfg.dp.epsilon and fine["privacy_report"] == report
+    assert config_from_dict(json.load(open(os.path.join(run_dir, "config.json")))) == cfg
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    done = {r["stage"] for r in records if r.get("done")}
+    assert done >= {"autoencoder", "pretrain"} and any(r["stage"] == "finetune" for r in records)
+    side = cfg.data.image_size + 2  # make_grid pads by 2
+    for grid, rows in (("samples.png", 4), ("samples_finetune.png", 4), ("reconstructions.png", 8)):
+        img = np.asarray(Image.open(os.path.join(run_dir, grid)))
+        assert img.shape[0] == rows * side + 2 and img.std() > 0, grid  # decodes, has the layout, is not blank
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
@@ -120,7 +141,7 @@ def stage_weights(out, stage, key):
 @pytest.mark.parametrize("stage,key", [("autoencoder", "autoencoder"), ("pretrain", "ema")])
 def test_resume_continues_at_the_same_step_with_the_same_rng_stream(run_dir, tmp_path, stage, key):
     cfg = make_config("smoke", {"ae_steps": 20, "pretrain_steps": 20, "ckpt_every": 10, "log_every": 5})
-    fn = train.train_autoencoder if stage == "autoencoder" else train.train_pretrain
+    fn = train_autoencoder if stage == "autoencoder" else train_pretrain
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (straight, resumed):
         os.makedirs(out)

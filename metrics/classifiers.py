@@ -1,8 +1,9 @@
 """Downstream classifiers for the synthetic-data accuracy protocol, and the digit feature network.
 
-The protocol (DPDM; see FACTS.md): train a classifier only on synthetic labelled images, choose the
-epoch by accuracy on held-out *synthetic* images, then measure accuracy on the real test set once.
-`train_and_select` does the first two steps and never sees real data; `accuracy` does the last.
+The protocol (DPDM: Dockhorn et al. 2023, "Differentially Private Diffusion Models"): train a classifier only
+on synthetic labelled images, choose the epoch by accuracy on held-out *synthetic* images, then measure
+accuracy on the real test set once. `train_and_select` does the first two steps and never sees real data;
+`accuracy` does the last; `downstream_accuracy` runs the three for each named classifier.
 
 Every model takes images `x: (B, C, H, W)` in [-1, 1] at the experiment resolution and returns logits
 `(B, K)`. The data functions take uint8 images `(N, C, H, W)` (as in `ldm.data.ImageSet`) and convert
@@ -10,6 +11,7 @@ each batch with `to_unit_range`, so that a 60k set is never held in float.
 """
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,8 @@ from tqdm import tqdm
 from ldm.data import to_unit_range
 
 CLASSIFIERS = ("cnn", "mlp", "logreg")
+PROTOCOL = ("classifiers trained only on the synthetic training split; epoch chosen by accuracy on the held-out "
+            "synthetic validation split; the real test set is used once per classifier, after selection (DPDM protocol)")
 
 
 class SmallCNN(nn.Module):
@@ -157,6 +161,25 @@ def train_and_select(model, train_x, train_y, val_x, val_y, epochs, batch, lr, s
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state, strict=True)
     return model, Selection(best_epoch, best_acc, tuple(history))
+
+
+def downstream_accuracy(names, train, val, test, epochs, batch, lr, seed, device):
+    """{name: {test_accuracy, val_accuracy_synthetic, epoch, ...}}: select on `val` (synthetic), then test once.
+
+    train, val: (x (N, C, H, W) uint8, y (N,) int64) synthetic splits; test: the real test `ImageSet`, used by
+    exactly one `accuracy` call per classifier, after its epoch was chosen.
+    """
+    results = {}
+    c, s = test.x.shape[1], test.x.shape[-1]
+    for name in names:
+        start = time.time()
+        model = build_classifier(name, c, s, test.num_classes, seed).to(device)
+        model, sel = train_and_select(model, *train, *val, epochs, batch, lr, seed, desc=name)
+        test_acc = accuracy(model, test.x, test.y)  # the only use of the real test set
+        results[name] = {"test_accuracy": test_acc, "val_accuracy_synthetic": sel.val_accuracy, "epoch": sel.epoch,
+                         "epochs_trained": epochs, "val_history_synthetic": list(sel.val_history),
+                         "seconds": round(time.time() - start, 1)}
+    return results
 
 
 @dataclass(frozen=True)
