@@ -26,7 +26,7 @@ from dp.select import parse_blocks
 from ldm.autoencoder_stage import train_autoencoder
 from ldm.build import build_unet
 from ldm.checkpoint import atomic_write_json
-from ldm.config import PRESETS, add_config_flags, config_to_dict, make_config, overrides_from_args
+from ldm.config import add_config_flags, config_from_args, config_to_dict
 from ldm.data import check_pair
 from ldm.distributed import barrier, init_distributed, pick_device, shutdown
 from ldm.errors import UserError
@@ -35,19 +35,27 @@ from ldm.pretrain_stage import train_pretrain
 from ldm.run_folder import STAGES, prepare_out
 
 
+EXIT_STATUS = """exit status:
+  0    every stage asked for finished
+  2    bad input: a UserError, printed as one line starting with "error:" (argparse usage errors too)
+  3    distributed run (torchrun): another process failed or did not answer within --dist-timeout
+  130  interrupted (Ctrl-C); the last checkpoint is kept: run the same command again with --resume
+  any other status (1 from Python) with a traceback is a bug"""
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper-mnist", help=f"one of: {', '.join(PRESETS)}")
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=(*STAGES, "all", STAGE_NONPRIVATE))
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
-    add_config_flags(p)
+    add_config_flags(p, argv)
     return p.parse_args(argv)
 
 
 def run(argv=None):
     args = parse_args(argv)
-    cfg = make_config(args.preset, overrides_from_args(args))
+    cfg = config_from_args(args)
     check_pair(cfg.data)
     if args.stage in ("finetune", "all", STAGE_NONPRIVATE):
         parse_blocks(cfg.dp.dp_blocks, build_unet(cfg))  # a bad --dp-blocks stops the run before any work

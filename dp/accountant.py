@@ -49,6 +49,7 @@ import numpy as np
 from prv_accountant import PRVAccountant
 from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 
+from dp.poisson import num_steps, sampling_rate
 from dp.prv_add import SubsampledGaussianAddPRV, add_direction_composition  # noqa: F401 - the add direction
 from dp.rdp import DEFAULT_ORDERS, rdp_one_step, rdp_to_epsilon
 from ldm.errors import UserError
@@ -432,39 +433,79 @@ def calibrate_sigma(target_epsilon: float, q: float, steps: int, delta: float,
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dp.accountant",
-        description="Epsilon of DP-SGD (Poisson sampling, Gaussian noise, add/remove-one "
-                    "neighbours) for a noise multiplier, or the noise multiplier for a target epsilon.")
+        description="Epsilon of DP-SGD (Poisson sampling, Gaussian noise, add/remove-one neighbours) for a noise "
+                    "multiplier, or the noise multiplier for a target epsilon. The mechanism: --q and --steps, or "
+                    "training terms --n, --expected-batch, --epochs, turned into q = expected_batch / N and "
+                    "T = round(epochs / q) by the functions training uses (dp/poisson.py).")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sigma", type=float, help="noise multiplier: print the epsilon it gives")
     mode.add_argument("--epsilon", type=float, help="target epsilon: print the calibrated sigma")
-    parser.add_argument("--q", type=float, required=True, help="sampling rate = expected batch / N")
-    parser.add_argument("--steps", type=int, required=True, help="number of DP-SGD steps")
+    parser.add_argument("--q", type=float, default=None, help="sampling rate = expected batch / N")
+    parser.add_argument("--steps", type=int, default=None, help="number of DP-SGD steps")
+    parser.add_argument("--expected-batch", type=int, default=None,
+                        help="training terms: expected Poisson batch size q N (needs --n and --epochs)")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="training terms: epochs, T = round(epochs / q) steps (needs --n and --expected-batch)")
     parser.add_argument("--delta", type=float, required=True, help="target delta")
-    parser.add_argument("--n", type=int, default=None, help="private set size N, to check delta < 1/N")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--n", type=int, default=None,
+                        help="private set size N: checks delta < 1/N; with --expected-batch and --epochs, gives q")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on one line")
     return parser
+
+
+def _flags(args: argparse.Namespace, flags: Sequence[str], given: bool) -> list:
+    """The flags among `flags` that were given (given=True) or left out (given=False)."""
+    return [f for f in flags if (getattr(args, f[2:].replace("-", "_")) is not None) == given]
+
+
+def _mechanism(args: argparse.Namespace):
+    """(q, steps) from --q/--steps, or from --n/--expected-batch/--epochs exactly as training derives them.
+
+    Training terms go through `dp.poisson.sampling_rate` and `dp.poisson.num_steps`, the functions
+    dp/finetune.py's `privacy_plan` uses, so the rounding of T = round(epochs / q) is training's.
+    """
+    direct, training = _flags(args, ("--q", "--steps"), True), _flags(args, ("--expected-batch", "--epochs"), True)
+    either = "give either --q and --steps, or --n, --expected-batch and --epochs (training terms)"
+    if direct and training:
+        raise UserError(f"{' and '.join(direct)} cannot be combined with {' and '.join(training)}: {either}.")
+    if not training:
+        if len(direct) < 2:
+            raise UserError(f"{either}; {' and '.join(_flags(args, ('--q', '--steps'), False))} missing.")
+        return args.q, args.steps
+    missing = _flags(args, ("--n", "--expected-batch", "--epochs"), False)
+    if missing:
+        raise UserError(f"{either}; training terms need --n, --expected-batch and --epochs, "
+                        f"{' and '.join(missing)} missing.")
+    validate_privacy_params(n=args.n)
+    q = sampling_rate(args.expected_batch, args.n)
+    return q, num_steps(args.epochs, q)
 
 
 def _report(args: argparse.Namespace) -> dict:
     """Run the requested computation; return every input and output as one flat dict."""
-    validate_privacy_params(epsilon=args.epsilon, delta=args.delta, q=args.q, steps=args.steps,
+    q, steps = _mechanism(args)
+    validate_privacy_params(epsilon=args.epsilon, delta=args.delta, q=q, steps=steps,
                             sigma=args.sigma, n=args.n)
     mode = "calibrate" if args.epsilon is not None else "account"
     if mode == "account":
         sigma = args.sigma
     else:
-        sigma = calibrate_sigma(args.epsilon, args.q, args.steps, args.delta)
+        sigma = calibrate_sigma(args.epsilon, q, steps, args.delta)
     with warnings.catch_warnings():  # a fallback is printed once, as the "warning:" line of `main`
         warnings.filterwarnings("ignore", message="prv-accountant failed", category=RuntimeWarning)
-        result = compute_epsilon(sigma, args.q, args.steps, args.delta)
-    return {"mode": mode, "target_epsilon": args.epsilon, "sigma": sigma, "q": args.q,
-            "steps": args.steps, "delta": args.delta, "n": args.n, **dataclasses.asdict(result),
+        result = compute_epsilon(sigma, q, steps, args.delta)
+    return {"mode": mode, "target_epsilon": args.epsilon, "sigma": sigma, "q": q,
+            "steps": steps, "delta": args.delta, "n": args.n, "expected_batch": args.expected_batch,
+            "epochs": args.epochs, **dataclasses.asdict(result),
             "neighbouring_relation": neighbouring_relation, "sampling": "Poisson"}
 
 
 def _human_line(report: dict) -> str:
-    setting = (f"q = {report['q']:g}, {report['steps']} steps, delta = {report['delta']:g}, "
-               f"Poisson sampling, {neighbouring_relation} neighbours")
+    mechanism = f"q = {report['q']:g}, {report['steps']} steps"
+    if report["epochs"] is not None:  # training terms
+        mechanism = (f"N = {report['n']}, expected batch {report['expected_batch']}, {report['epochs']:g} epochs: "
+                     f"q = {report['q']:g}, {report['steps']} steps = round(epochs / q)")
+    setting = f"{mechanism}, delta = {report['delta']:g}, Poisson sampling, {neighbouring_relation} neighbours"
     how = f"{report['accountant']} accountant"
     if report["accountant"] == "prv":
         how += f", max of remove {report['epsilon_remove']:.4f} and add {report['epsilon_add']:.4f}"

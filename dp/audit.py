@@ -73,7 +73,7 @@ from kernels.clip_noise import clip_and_noise
 from ldm import autoencoder_stage, pretrain_stage
 from ldm.build import latent_shape
 from ldm.checkpoint import atomic_write_json
-from ldm.config import PRESETS, add_config_flags, make_config, overrides_from_args
+from ldm.config import add_config_flags, config_from_args
 from ldm.data import check_pair, load_dataset
 from ldm.distributed import pick_device
 from ldm.errors import UserError
@@ -394,10 +394,16 @@ def audit_report(cfg, accounted, result, level, m, n_included, kind, canary, sig
 # ---- Command line -----------------------------------------------------------------------------
 
 
+EXIT_STATUS = """exit status:
+  0    consistent: the bound is at most the accounted epsilon (--check-sensitivity: no change above C)
+  1    inconsistent: the bound exceeds the accounted epsilon (--check-sensitivity: a change above C);
+       an uncaught error also exits 1, with a traceback
+  2    bad input: a UserError, printed as one line starting with "error:" (argparse usage errors too)"""
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dp.audit", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dp.audit", description=__doc__, epilog=EXIT_STATUS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper-mnist", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--out", default=None, help="run folder holding (or receiving) the public stages; "
                                                "default runs/<preset>; the report goes to <out>/audit.json")
     p.add_argument("--steps", type=int, default=None, help="shorten the run to this many DP steps "
@@ -412,7 +418,7 @@ def parse_args(argv):
                    help="instead of the audit: check that adding one example changes the clipped sum by at most C "
                         "(dp/sensitivity.py), on the pretrained model in --out if there is one, else on the "
                         "preset's architecture with random weights and latents; exit 1 above 1 + 1e-5")
-    add_config_flags(p)
+    add_config_flags(p, argv)
     return p.parse_args(argv)
 
 
@@ -432,7 +438,7 @@ def run(argv=None):
     """Run the public stages if missing, then the audited fine-tuning; return the report."""
     args = parse_args(argv)
     check_audit_args(args.m, args.canary, args.level, args.steps)
-    cfg = make_config(args.preset, overrides_from_args(args))
+    cfg = config_from_args(args)
     check_pair(cfg.data)
     out = args.out or os.path.join("runs", cfg.preset)
     if args.check_sensitivity:

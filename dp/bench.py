@@ -372,7 +372,8 @@ def main(argv=None):
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": where, "opacus": version, "trainable": n_train,
+            shown = dict(vars(args), json=os.path.basename(args.json))  # no path of this machine in the file
+            json.dump({"args": shown, "device": where, "opacus": version, "trainable": n_train,
                        "results": results, "ratios": ratios, "sanity": check}, f, indent=1)
 
 

@@ -19,6 +19,7 @@ from ldm.checkpoint import load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
 from ldm.data import load_dataset, to_unit_range
 from ldm.distributed import Dist, all_reduce_sum_, barrier, shard
+from ldm.pace import Pace
 from ldm.run_folder import resume_state, stage_path
 from ldm.sampling import save_grid
 
@@ -89,10 +90,12 @@ def train_autoencoder(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
         return
     total = cfg.ae.ae_steps
     bar = tqdm(range(run.step, total), desc=STAGE, initial=run.step, total=total, disable=not dist.main)
+    pace = Pace(cfg, device, STAGE, total - run.step, dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return
         loss, rec, kl = autoencoder_step(run)
+        pace.step()
         if run.step % cfg.run.log_every == 0 or run.step == total:
             bar.set_postfix(rec=f"{rec:.4f}")
             log.write(stage=STAGE, step=run.step, loss=loss, rec=rec, kl=kl)

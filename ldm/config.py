@@ -1,110 +1,143 @@
 """Configuration: one frozen dataclass per component, named presets, and the command line built from them.
 
 Every field of every component is a command-line flag of the same name (`ae_lr` -> `--ae-lr`); a flag
-overrides the chosen preset's value. Field names are unique across components so that a flag is never
-ambiguous. The resolved configuration is stored inside every checkpoint as plain dictionaries.
+overrides the chosen preset's value, or the value of a stored configuration given with `--config`. Each field
+carries its one-line meaning as `metadata["help"]`, which `--help` prints. Field names are unique across
+components so that a flag is never ambiguous. The resolved configuration is stored inside every checkpoint,
+and as <out>/config.json, as plain dictionaries.
 """
 
 import argparse
 import dataclasses
+import json
 import math
+import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field, fields, replace
 
 from ldm.errors import UserError
 
 SAMPLERS = ("ddim", "dpm++2m")  # ldm/diffusion.py `Diffusion.sample`
+DEFAULT_PRESET = "paper-mnist"
+
+# The fields with a fixed set of values: read by `validate` (the check) and `add_config_flags` (the help).
+CHOICES = {"ae_loss": ("l1", "l2"), "optimizer": ("adamw", "sgd"), "clip_backend": ("auto", "triton", "torch"),
+           "grad_method": ("auto", "bookkeeping", "vmap"), "sampler": SAMPLERS, "device": ("auto", "cpu", "cuda")}
+METAVARS = {int: "N", float: "X"}  # in --help; strings keep argparse's own (the flag's name in capitals)
+DESCRIPTION_WIDTH = 76  # group descriptions in --help (argparse wraps flag help to the terminal itself)
+
+
+def _field(default, help_text):
+    """A configuration field: its default and the one-line meaning `--help` shows."""
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    public: str = "svhn"  # data set for the autoencoder and the pretraining stage
-    private: str = "mnist"  # data set for the DP fine-tuning stage (the only one the guarantee covers)
-    data_root: str = "./data"  # where real data sets are (or are downloaded to); may be read-only
-    cache_dir: str = "./data/cache"  # where generated sets (synthdigits) and derived caches are written
-    image_size: int = 32
-    channels: int = 0  # 0: the private set's native channel count (1 for digits, 3 for natural images)
-    synth_n: int = 60000  # size of the generated synthdigits set
-    synth_seed: int = 0
-    fake_n: int = 256  # size of the generated `fake` set
+    """data sets and where they are"""
+    public: str = _field("svhn", "data set of the autoencoder and pretraining stages; public, outside the guarantee")
+    private: str = _field("mnist", "data set of the DP fine-tuning stage, the only one the guarantee covers")
+    data_root: str = _field("./data", "folder of the real data sets (downloaded there if missing); may be read-only")
+    cache_dir: str = _field("./data/cache", "folder where generated sets (synthdigits) and derived caches are written")
+    image_size: int = _field(32, "side in pixels of the square images every set is resized to")
+    channels: int = _field(0, "image channels: 1 or 3; 0 takes the private set's own (1 for digits, 3 for photos)")
+    synth_n: int = _field(60000, "number of training images of the generated synthdigits set")
+    synth_seed: int = _field(0, "seed of the generated synthdigits set (its test split uses another seed)")
+    fake_n: int = _field(256, "number of images of each generated `fake` set (tests)")
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    ae_channels: int = 32
-    ae_mult: tuple = (1, 2, 2)  # downsampling factor f = 2 ** (len(ae_mult) - 1)
-    ae_res_blocks: int = 1
-    ae_latent_channels: int = 3
-    ae_loss: str = "l1"  # reconstruction loss: l1 or l2
-    ae_kl_weight: float = 1e-6
-    ae_steps: int = 6000
-    ae_batch: int = 64
-    ae_lr: float = 2e-4
+    """KL autoencoder (stage 1, public set)"""
+    ae_channels: int = _field(32, "base channel width of the autoencoder")
+    ae_mult: tuple = _field((1, 2, 2), "channel multiplier per autoencoder level; downsampling factor "
+                                       "f = 2 ** (levels - 1)")
+    ae_res_blocks: int = _field(1, "residual blocks per autoencoder level")
+    ae_latent_channels: int = _field(3, "channels of the latent the diffusion model works on")
+    ae_loss: str = _field("l1", "reconstruction loss, mean over pixels: l1 or l2")
+    ae_kl_weight: float = _field(1e-6, "weight of the KL term (summed over the latent) against the reconstruction loss")
+    ae_steps: int = _field(6000, "optimiser steps of the autoencoder stage")
+    ae_batch: int = _field(64, "autoencoder batch size (images per step, over all processes)")
+    ae_lr: float = _field(2e-4, "autoencoder learning rate (AdamW, constant)")
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    unet_channels: int = 64
-    unet_mult: tuple = (1, 2)
-    unet_res_blocks: int = 1
-    unet_attention_levels: tuple = (1, 2)  # level k works at downsampling factor 2 ** (k - 1) of the latent
-    unet_heads: int = 4
-    unet_context_dim: int = 64  # width of the class embedding fed to cross-attention
+    """latent diffusion UNet"""
+    unet_channels: int = _field(64, "base channel width of the UNet")
+    unet_mult: tuple = _field((1, 2), "channel multiplier per UNet level; level k works at downsampling factor "
+                                      "2 ** (k - 1) of the latent")
+    unet_res_blocks: int = _field(1, "residual blocks per UNet level")
+    unet_attention_levels: tuple = _field((1, 2), "UNet levels (1 = full latent resolution) that get transformer "
+                                                  "blocks; the middle block always has one")
+    unet_heads: int = _field(4, "attention heads per transformer block")
+    unet_context_dim: int = _field(64, "width of the class embedding that cross-attention reads")
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    timesteps: int = 1000
-    beta_start: float = 0.0015
-    beta_end: float = 0.0155
-    sample_steps: int = 200  # sampler steps (model evaluations) for sample grids and sample.py
-    eta: float = 1.0  # DDIM eta: 0 deterministic, 1 as stochastic as DDPM (DPM-Solver++ is deterministic)
-    sampler: str = "ddim"  # ddim or dpm++2m (ldm/diffusion.py); sampling only, never training
+    """noise schedule and sampler"""
+    timesteps: int = _field(1000, "diffusion steps T of the forward process")
+    beta_start: float = _field(0.0015, "beta_1 of the noise schedule (linear in sqrt(beta))")
+    beta_end: float = _field(0.0155, "beta_T of the noise schedule (linear in sqrt(beta))")
+    sample_steps: int = _field(200, "sampler steps (model evaluations) for the samples.png grids and sample.py")
+    eta: float = _field(1.0, "DDIM eta: 0 deterministic, 1 as stochastic as DDPM (DPM-Solver++ ignores it)")
+    sampler: str = _field("ddim", "sampler for grids and sample.py (ldm/diffusion.py); never used in training")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    pretrain_steps: int = 20000
-    pretrain_batch: int = 128
-    pretrain_lr: float = 2e-4
-    pretrain_warmup: int = 500
-    pretrain_ema: float = 0.999
+    """UNet pretraining (stage 2, public set)"""
+    pretrain_steps: int = _field(20000, "optimiser steps of the pretraining stage")
+    pretrain_batch: int = _field(128, "pretraining batch size (latents per step, over all processes)")
+    pretrain_lr: float = _field(2e-4, "pretraining learning rate (AdamW) after warm-up")
+    pretrain_warmup: int = _field(500, "steps of linear learning-rate warm-up of the pretraining stage")
+    pretrain_ema: float = _field(0.999, "decay per step of the pretrained UNet's EMA weights, in [0, 1)")
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    epsilon: float = 10.0
-    delta: float = 1e-5
-    clip: float = 1e-3  # per-example L2 clipping bound C over all trainable parameters jointly
-    expected_batch: int = 2000  # expected Poisson batch size q * N
-    epochs: float = 200.0  # logical steps T = round(epochs / q), fixed before training
-    physical_batch: int = 40  # micro-batch for per-sample gradients; never changes the guarantee
-    lr: float = 1e-4  # fine-tuning learning rate
-    dp_blocks: str = "all"  # which transformer blocks are trained: see dp/select.py
-    dp_class_embed: bool = True  # also train the class embedding table
-    optimizer: str = "adamw"  # adamw or sgd
-    weight_decay: float = 0.0
-    warmup: int = 0  # learning-rate warm-up in logical steps
-    dp_ema: float = 0.999
-    noise_seed: typing.Optional[int] = None  # None: sampling and noise seeded from the OS (use for release)
-    clip_backend: str = "auto"  # auto, triton or torch
-    grad_method: str = "auto"  # auto, bookkeeping or vmap: how clipped per-sample gradients are summed (dp/)
-    private_size: typing.Optional[int] = None  # public N for q and T; None: the private set's size, treated as public
+    """DP fine-tuning (stage 3, private set). Read only by the private stage (finetune, its baseline
+    finetune-nonprivate, and python -m dp.audit), never by the public stages."""
+    epsilon: float = _field(10.0, "target epsilon of the (epsilon, delta) guarantee; sigma is calibrated to it")
+    delta: float = _field(1e-5, "target delta of the guarantee; must be below 1 / N")
+    clip: float = _field(1e-3, "per-example L2 clipping bound C, over all trainable parameters jointly")
+    expected_batch: int = _field(2000, "expected Poisson batch size q N (examples per logical step)")
+    epochs: float = _field(200.0, "passes over the private set: logical steps T = round(epochs / q), fixed upfront")
+    physical_batch: int = _field(40, "micro-batch of per-sample gradients: memory only, never the guarantee")
+    lr: float = _field(1e-4, "fine-tuning learning rate after warm-up")
+    dp_blocks: str = _field("all", "transformer blocks to fine-tune: all, encoder, decoder, mid, levels=1,2, "
+                                   "up1_0,mid, ... (dp/select.py)")
+    dp_class_embed: bool = _field(True, "also fine-tune the class embedding table")
+    optimizer: str = _field("adamw", "fine-tuning optimiser over the noisy gradient")
+    weight_decay: float = _field(0.0, "weight decay of the fine-tuning optimiser")
+    warmup: int = _field(0, "logical steps of linear learning-rate warm-up of the fine-tuning")
+    dp_ema: float = _field(0.999, "decay per logical step of the fine-tuned UNet's EMA weights, in [0, 1)")
+    noise_seed: typing.Optional[int] = _field(None, "seed of Poisson sampling and DP noise, for experiments only; "
+                                                    "unset: a secret from the OS (use for release)")
+    clip_backend: str = _field("auto", "clip-and-noise implementation: auto (Triton on CUDA, else torch), "
+                                       "triton or torch")
+    grad_method: str = _field("auto", "how clipped per-sample gradients are summed, same result: auto "
+                                      "(bookkeeping where supported), bookkeeping or vmap")
+    private_size: typing.Optional[int] = _field(None, "public bound on N for q and T; unset: the private set's size, "
+                                                      "treated as public")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 0  # seeds initialisation, data order, timesteps and diffusion noise (never the DP noise)
-    device: str = "auto"  # auto, cpu or cuda
-    log_every: int = 100
-    ckpt_every: int = 500
-    grid_n: int = 64  # images in each samples.png
-    dist_timeout: int = 600  # seconds before a collective with a dead or hung process fails (torchrun)
+    """seeds, device, logging, checkpoints"""
+    seed: int = _field(0, "seed of initialisation, data order, timesteps and diffusion noise; never of the DP noise")
+    device: str = _field("auto", "where to train: auto takes CUDA when there is one")
+    log_every: int = _field(100, "steps (logical steps in fine-tuning) between lines of metrics.jsonl")
+    ckpt_every: int = _field(500, "steps (logical steps in fine-tuning) between checkpoints")
+    grid_n: int = _field(64, "images in each samples.png grid")
+    dist_timeout: int = _field(600, "seconds before a collective with a dead or hung process fails (torchrun)")
 
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = "paper-mnist"
+    preset: str = DEFAULT_PRESET
     data: DataConfig = field(default_factory=DataConfig)
     ae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -186,8 +219,15 @@ def make_config(preset, overrides=None):
     """The preset's configuration with `overrides` ({field name: value}) applied, validated."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(preset, {**PRESETS[preset], **_given(overrides)})
+
+
+def _given(overrides):
+    return {k: v for k, v in (overrides or {}).items() if v is not None}
+
+
+def _build(preset, values):
+    """The class defaults with `values` ({field name: value}) applied, validated."""
     unknown = sorted(set(values) - set(FIELD_OWNER))
     if unknown:
         raise UserError(f"unknown configuration field(s) {', '.join(unknown)}")
@@ -199,6 +239,45 @@ def make_config(preset, overrides=None):
     cfg = Config(preset=preset, **parts)
     validate(cfg)
     return cfg
+
+
+def field_values(cfg):
+    """{field name: value} over all components of `cfg`."""
+    return {f.name: getattr(getattr(cfg, comp), f.name) for comp in COMPONENTS for f in fields(getattr(cfg, comp))}
+
+
+def load_config(path, overrides=None):
+    """The resolved configuration stored in `path` (a run's config.json, written by train.py) with `overrides`
+    applied, validated. A file that cannot be read, is not JSON, or does not match this version's fields is a
+    UserError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            stored = json.load(fh)
+    except OSError as e:
+        raise UserError(f"--config {path} cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"--config {path} is not a JSON configuration ({e})") from None
+    try:
+        stored = config_from_dict(stored)
+        _check_types(stored)
+        stored = _build(stored.preset, field_values(stored))
+    except UserError as e:
+        raise UserError(f"--config {path}: {e}") from None
+    return _build(stored.preset, {**field_values(stored), **_given(overrides)})
+
+
+def _check_types(cfg):
+    """Refuse a stored value of the wrong type (a float where a count belongs, a number for a name)."""
+    for comp in COMPONENTS:
+        for f in fields(getattr(cfg, comp)):
+            value = getattr(getattr(cfg, comp), f.name)
+            want = {float: (int, float), typing.Optional[int]: (int, type(None))}.get(f.type, f.type)
+            if not isinstance(value, want) or (isinstance(value, bool) and f.type is not bool):
+                raise UserError(f"field {f.name} holds {value!r}, not a value of type {_type_name(f)}")
+
+
+def _type_name(f):
+    return "int or null" if f.type == typing.Optional[int] else f.type.__name__
 
 
 def config_to_dict(cfg):
@@ -248,10 +327,7 @@ def validate(cfg):
                 _positive(f.name, value)
             if isinstance(value, tuple) and (not value or any((not isinstance(v, int)) or v < 1 for v in value)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a comma-separated list of positive integers, got {value!r}")
-    choices = {"ae_loss": ("l1", "l2"), "optimizer": ("adamw", "sgd"), "clip_backend": ("auto", "triton", "torch"),
-               "grad_method": ("auto", "bookkeeping", "vmap"), "sampler": SAMPLERS,
-               "device": ("auto", "cpu", "cuda")}
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         value = getattr(getattr(cfg, FIELD_OWNER[name]), name)
         if value not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
@@ -287,22 +363,77 @@ def _parse_tuple(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_config_flags(parser):
-    """One flag per configuration field; defaults are None so that the preset's value applies."""
+def add_config_flags(parser, argv=None):
+    """--preset, --config and one flag per configuration field, all with default None so that the preset's (or the
+    stored configuration's) value applies; read them back with `config_from_args`.
+
+    `argv` is the command line the parser will read (None: sys.argv[1:]); only its --preset and --config are
+    looked at here, so that --help shows, for every flag, the value it takes in that configuration."""
+    shown, label = _shown_config(sys.argv[1:] if argv is None else argv)
+    top = parser.add_argument_group("configuration", textwrap.fill(
+        "Each flag below sets one field; in parentheses: its value in the chosen preset, or (--config: ...) "
+        "in the --config file.", DESCRIPTION_WIDTH))
+    top.add_argument("--preset", default=None, help=f"named configuration: {', '.join(PRESETS)} "
+                                                    f"(default {DEFAULT_PRESET})")
+    top.add_argument("--config", default=None, metavar="PATH",
+                     help="a resolved configuration to run again, such as runs/<preset>/config.json (written by "
+                          "train.py); it replaces --preset (giving both is an error) and flags still override it")
     for comp in COMPONENTS:
-        group = parser.add_argument_group(comp)
         cls = Config.__dataclass_fields__[comp].default_factory
+        group = parser.add_argument_group(comp, textwrap.fill(" ".join(cls.__doc__.split()), DESCRIPTION_WIDTH))
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            default = getattr(cls(), f.name)
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-            elif isinstance(default, tuple):
-                group.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,...")
-            elif f.name in ("noise_seed", "private_size"):
-                group.add_argument(flag, type=int, default=None)
+            text = _flag_help(comp, f, getattr(getattr(shown, comp), f.name), label)
+            if f.type is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif f.type is tuple:
+                group.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,...", help=text)
             else:
-                group.add_argument(flag, type=type(default), default=None)
+                kind = int if f.type == typing.Optional[int] else f.type
+                metavar = "{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else METAVARS.get(kind)
+                group.add_argument(flag, type=kind, default=None, metavar=metavar, help=text)
+
+
+def _flag_help(comp, f, value, label):
+    """The field's meaning, marked for the DP stage, with its format and its value in the shown configuration."""
+    text = ("[DP stage] " if comp == "dp" else "") + f.metadata["help"]
+    if f.type is tuple:
+        text += "; comma-separated integers"
+    return f"{text} ({label}: {_show(value)})".replace("%", "%%")
+
+
+def _show(value):
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
+
+
+def _shown_config(argv):
+    """The configuration --help describes and its label: argv's --config, else its --preset, else DEFAULT_PRESET
+    (also when those are not valid: the real parse reports them)."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    try:
+        known, _ = pre.parse_known_args(argv)
+        if known.config:
+            return load_config(known.config), "--config"
+        return make_config(known.preset or DEFAULT_PRESET), known.preset or DEFAULT_PRESET
+    except (argparse.ArgumentError, UserError):
+        return make_config(DEFAULT_PRESET), DEFAULT_PRESET
+
+
+def config_from_args(args):
+    """The run's configuration: the --config file's, else the --preset's (default DEFAULT_PRESET), with the
+    configuration flags given on the command line applied."""
+    if args.config is not None and args.preset is not None:
+        raise UserError(f"--preset {args.preset} and --config {args.config} were both given: --config replaces the "
+                        f"preset, so give only one of them")
+    if args.config is not None:
+        return load_config(args.config, overrides_from_args(args))
+    return make_config(args.preset or DEFAULT_PRESET, overrides_from_args(args))
 
 
 def overrides_from_args(args):

@@ -22,6 +22,7 @@ from ldm.data import load_dataset
 from ldm.diffusion import ema_update
 from ldm.distributed import Dist, all_reduce_sum_, barrier, shard
 from ldm.latents import encode_latents
+from ldm.pace import Pace
 from ldm.run_folder import load_stage, resume_state, stage_path, trained_autoencoder
 from ldm.sampling import write_samples
 from ldm.schedule import lr_at
@@ -110,10 +111,12 @@ def train_pretrain(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
         return
     total = cfg.pretrain.pretrain_steps
     bar = tqdm(range(run.step, total), desc=STAGE, initial=run.step, total=total, disable=not dist.main)
+    pace = Pace(cfg, device, STAGE, total - run.step, dist.main)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return
         loss = pretrain_step(run)
+        pace.step()
         if run.step % cfg.run.log_every == 0 or run.step == total:
             bar.set_postfix(loss=f"{loss:.4f}")
             log.write(stage=STAGE, step=run.step, loss=loss, lr=run.opt.param_groups[0]["lr"])

@@ -5,7 +5,7 @@ on synthetic labelled images, choose the epoch by accuracy on held-out *syntheti
 accuracy on the real test set once. `train_and_select` does the first two steps and never sees real data;
 `accuracy` does the last; `downstream_accuracy` runs the three for each named classifier.
 
-Every model takes images `x: (B, C, H, W)` in [-1, 1] at the experiment resolution and returns logits
+Every model takes images `x: (B, C, H, W)` in [-1, 1] at the evaluation size and returns logits
 `(B, K)`. The data functions take uint8 images `(N, C, H, W)` (as in `ldm.data.ImageSet`) and convert
 each batch with `to_unit_range`, so that a 60k set is never held in float.
 """

@@ -28,7 +28,7 @@ FD_NOTE = ("Frechet distance on penultimate-layer features of a small CNN traine
 
 
 def feature_cache_path(data_cfg):
-    """Where the feature network for the real set `data_cfg.private` at the experiment's size and channels is cached."""
+    """Where the feature network for the real set `data_cfg.private` at the evaluation size and channels is cached."""
     c = experiment_channels(data_cfg)
     return os.path.join(data_cfg.cache_dir, "eval", f"feature_cnn_{data_cfg.private}_{data_cfg.image_size}px_{c}ch.pt")
 

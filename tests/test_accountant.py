@@ -22,7 +22,10 @@ from scipy import special
 
 from dp import accountant as acc
 from dp import rdp
+from dp.finetune import privacy_plan
+from ldm.config import make_config
 from ldm.errors import UserError
+from test_dp import finetune, fresh_run, pretrained  # noqa: F401 - the smoke fine-tuning helper and its fixture
 
 # (sigma, q, steps, delta, PRV estimate, RDP epsilon), from those public accountants.
 REFERENCE = [
@@ -478,3 +481,87 @@ def test_module_entry_point_exits_2_without_traceback():
 def test_add_direction_prv_refuses_parameters_outside_its_domain_with_a_user_error(q, sigma):
     with pytest.raises(UserError, match="add-direction PRV needs 0 < q <= 1 and sigma > 0"):
         acc.SubsampledGaussianAddPRV(q, sigma)
+
+
+# ---- command line in training terms: --n, --expected-batch, --epochs ---------------------------------------------
+
+# (N, expected batch, epochs, T): epochs / q = 234.375, 83.33, 12.5 (Python's round: half to even, 12) and 16, the
+# smoke preset; T = round(epochs / q) as dp/poisson.py `num_steps` rounds it for training.
+TRAINING_TERMS = [(60000, 256, 1.0, 234), (1000, 30, 2.5, 83), (1000, 80, 1.0, 12), (256, 16, 1.0, 16)]
+
+
+def _cli_json(capsys, argv):
+    assert acc.main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and out.count("\n") == 1  # one line
+    return json.loads(out)
+
+
+def _terms(n, batch, epochs, delta=1e-5):
+    return ["--n", str(n), "--expected-batch", str(batch), "--epochs", repr(epochs), "--delta", repr(delta)]
+
+
+@pytest.mark.parametrize("n, batch, epochs, steps", TRAINING_TERMS)
+def test_cli_training_terms_give_privacy_plan_q_steps_sigma_and_epsilon(capsys, n, batch, epochs, steps):
+    dp_cfg = make_config("smoke", dict(epsilon=3.0, delta=1e-5, expected_batch=batch, epochs=epochs)).dp
+    q, planned_steps, sigma = privacy_plan(dp_cfg, n)  # what training would run
+    assert planned_steps == steps
+    calibrated = _cli_json(capsys, [*_terms(n, batch, epochs), "--epsilon", "3"])
+    assert (calibrated["q"], calibrated["steps"], calibrated["sigma"]) == (q, steps, sigma)
+    assert calibrated["epsilon"] == acc.compute_epsilon(sigma, q, steps, 1e-5).epsilon <= 3.0
+    assert (calibrated["n"], calibrated["expected_batch"], calibrated["epochs"]) == (n, batch, epochs)
+    accounted = _cli_json(capsys, [*_terms(n, batch, epochs), "--sigma", repr(sigma)])
+    assert accounted == dict(calibrated, mode="account", target_epsilon=None)
+
+
+def test_cli_training_terms_agree_with_a_smoke_run_privacy_report(pretrained, tmp_path, capsys):  # noqa: F811
+    cfg, report = finetune(fresh_run(pretrained, tmp_path))  # 16 steps of the smoke preset, N = 256
+    capsys.readouterr()  # the run's own lines
+    terms = _terms(report["n_private"], report["expected_batch"], cfg.dp.epochs, report["delta"])
+    calibrated = _cli_json(capsys, [*terms, "--epsilon", repr(cfg.dp.epsilon)])
+    assert (calibrated["q"], calibrated["steps"], calibrated["sigma"]) == (report["q"], report["steps"],
+                                                                          report["sigma"])
+    accounted = _cli_json(capsys, [*terms, "--sigma", repr(report["sigma"])])
+    assert (accounted["epsilon"], accounted["epsilon_rdp"]) == (report["epsilon"], report["epsilon_rdp_crosscheck"])
+    assert (accounted["epsilon_remove"], accounted["epsilon_add"]) == (report["epsilon_remove"], report["epsilon_add"])
+
+
+def test_cli_training_terms_in_words(capsys):
+    assert acc.main([*_terms(60000, 256, 1.0), "--sigma", "0.4037"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    assert "N = 60000, expected batch 256, 1 epochs: q = 0.00426667, 234 steps = round(epochs / q)" in out
+    assert abs(_number_after("epsilon", out) - 9.69) <= 0.01  # the quick preset's DP run (README)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--q", "0.01", "--epochs", "1", "--n", "1000"], "--q cannot be combined with --epochs"),
+    (["--steps", "10", "--expected-batch", "8", "--n", "1000"], "--steps cannot be combined with --expected-batch"),
+    (["--q", "0.01", "--steps", "10", "--expected-batch", "8", "--epochs", "1", "--n", "1000"],
+     "--q and --steps cannot be combined with --expected-batch and --epochs"),
+    (["--expected-batch", "8", "--epochs", "1"], "--n missing"),
+    (["--n", "1000", "--epochs", "1"], "--expected-batch missing"),
+    (["--n", "1000", "--expected-batch", "8"], "--epochs missing"),
+    (["--q", "0.01"], "--steps missing"),
+    ([], "--q and --steps missing"),
+    (["--n", "1000", "--expected-batch", "2000", "--epochs", "1"], "--expected-batch 2000 must lie in [1, N = 1000]"),
+    (["--n", "1000", "--expected-batch", "8", "--epochs", "0"], "--epochs must be a positive number"),
+    (["--n", "0", "--expected-batch", "8", "--epochs", "1"], "n = 0 is not allowed"),
+])
+def test_cli_mixed_or_incomplete_mechanism_is_one_error_line(capsys, argv, named):
+    assert acc.main([*argv, "--sigma", "1", "--delta", "1e-5", "--json"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert captured.out == ""
+
+
+def test_module_entry_point_in_training_terms_prints_one_json_line():
+    repo = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "dp.accountant", *_terms(60000, 256, 1.0), "--sigma", "0.4037", "--json"]
+    completed = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and completed.stderr == ""
+    assert completed.stdout.endswith("\n") and completed.stdout.count("\n") == 1
+    report = json.loads(completed.stdout)
+    assert (report["q"], report["steps"], report["sigma"]) == (256 / 60000, 234, 0.4037)
+    assert abs(report["epsilon"] - 9.69) <= 0.01

@@ -196,3 +196,115 @@ def test_interrupted_card_write_leaves_no_stale_or_partial_card(run_dir, tmp_pat
         sample.main(["--ckpt", ckpt, *QUICK, "--seed", "1", "--out", out])
     assert os.listdir(tmp_path) == ["synth.npz"]  # the old card described the old samples; no temp file
     assert npz_metadata(out)["sampling"]["seed"] == 1  # the new file is whole and still says where it came from
+
+
+# ---- folder output: DIR/<class>/<index>.png (ImageFolder layout) and DIR/card.json --------------------------------
+
+
+def folder_card(folder):
+    with open(os.path.join(folder, "card.json")) as f:
+        return json.load(f)
+
+
+def test_folder_output_is_an_image_folder_with_the_npz_pixels_labels_and_card(dp_ckpt, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    folder, npz = str(tmp_path / "synth"), str(tmp_path / "synth.npz")
+    same = ["--ckpt", dp_ckpt, "--n", "12", "--steps", "2", "--seed", "3"]
+    assert sample.main([*same, "--out", folder + "/"]) == 0
+    assert sample.main([*same, "--out", npz]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["synth", "synth.card.json", "synth.npz"]  # no temporary folder left
+    with np.load(npz, allow_pickle=False) as f:
+        x, y = f["x"], f["y"]
+    data = ImageFolder(folder)  # torchvision's own loader: RGB, classes from the folder names
+    assert data.classes == [str(c) for c in range(10)] and len(data) == 12
+    assert all(data.class_to_idx[str(c)] == c for c in range(10))  # the ImageFolder index is the label
+    assert sorted(os.listdir(folder)) == [*data.classes, "card.json"]
+    assert np.bincount(data.targets, minlength=10).tolist() == np.bincount(y, minlength=10).tolist() == [2, 2] + [1] * 8
+    for path, target in data.samples:
+        i = int(os.path.splitext(os.path.basename(path))[0])
+        assert os.path.basename(path) == f"{i:02d}.png" and target == y[i]  # index = position, zero-padded
+        image, label = data[data.samples.index((path, target))]
+        assert label == y[i] and image.size == (32, 32)
+        assert np.array_equal(np.asarray(image), np.repeat(x[i][..., None], 3, axis=2))
+        with Image.open(path) as im:
+            assert im.mode == "L" and np.array_equal(np.asarray(im), x[i])  # the stored PNG: the npz's pixels
+            assert json.loads(im.text["metadata"]) == folder_card(folder)  # each image carries the provenance
+    meta = folder_card(folder)
+    assert meta == dict(npz_metadata(npz), file="synth")  # the same provenance object; `file` names the folder
+    assert meta["differentially_private"] is True and meta["stage"] == "finetune"
+    assert meta["epsilon"] == load_checkpoint(dp_ckpt)[0]["privacy_report"]["epsilon"] and meta["delta"] == 1e-5
+    assert meta["checkpoint"] == "finetune.pt" and meta["sampling"]["seed"] == 3 and meta["sampling"]["n"] == 12
+
+
+def test_folder_output_refuses_a_non_empty_folder_unless_overwrite(run_dir, tmp_path, capsys):
+    ckpt, folder = os.path.join(run_dir, "pretrain.pt"), str(tmp_path / "synth")
+    assert sample.main(["--ckpt", ckpt, *QUICK, "--out", folder + "/"]) == 0
+    before = {f: open(os.path.join(folder, f), "rb").read() for f in ("card.json", os.path.join("0", "0.png"))}
+    capsys.readouterr()
+    assert sample.main(["--ckpt", ckpt, *QUICK, "--seed", "1", "--out", folder]) == 2  # an existing folder: no '/'
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not empty" in err[0] and "--overwrite" in err[0], err
+    assert {f: open(os.path.join(folder, f), "rb").read() for f in before} == before
+    assert sample.main(["--ckpt", ckpt, *QUICK, "--seed", "1", "--out", folder, "--overwrite"]) == 0
+    assert folder_card(folder)["sampling"]["seed"] == 1
+    assert open(os.path.join(folder, "0", "0.png"), "rb").read() != before[os.path.join("0", "0.png")]
+    assert os.listdir(tmp_path) == ["synth"]  # the old folder and the temporary one are gone
+
+
+def test_overwrite_never_replaces_a_folder_that_sample_py_did_not_write(run_dir, tmp_path, capsys):
+    ckpt, folder = os.path.join(run_dir, "pretrain.pt"), tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not samples")
+    assert sample.main(["--ckpt", ckpt, *QUICK, "--out", str(folder), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a sample folder" in err[0], err
+    assert os.listdir(folder) == ["notes.txt"]
+    (tmp_path / "file").write_text("")
+    assert sample.main(["--ckpt", ckpt, *QUICK, "--out", str(tmp_path / "file") + "/"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sample.main(["--ckpt", ckpt, *QUICK, "--out", str(empty)]) == 0  # an existing empty folder is used
+    assert sorted(os.listdir(empty))[0] == "0" and folder_card(str(empty))["file"] == "empty"
+
+
+@pytest.mark.parametrize("old_folder", [False, True])
+def test_folder_output_stopped_midway_leaves_no_half_folder_and_no_temporary_one(run_dir, tmp_path, monkeypatch,
+                                                                                 old_folder):
+    ckpt, folder = os.path.join(run_dir, "pretrain.pt"), str(tmp_path / "synth")
+    if old_folder:
+        assert sample.main(["--ckpt", ckpt, *QUICK, "--out", folder + "/"]) == 0
+    written = []
+
+    def write_three_then_die(path, picture, info):
+        if len(written) == 3:
+            raise Interrupted
+        write_png(path, picture, info)
+        written.append(path)
+
+    write_png = sample.write_png
+    monkeypatch.setattr(sample, "write_png", write_three_then_die)
+    with pytest.raises(Interrupted):
+        sample.main(["--ckpt", ckpt, *QUICK, "--seed", "1", "--out", folder + "/", "--overwrite"])
+    assert len(written) == 3 and not any(os.path.exists(p) for p in written)
+    assert os.listdir(tmp_path) == (["synth"] if old_folder else [])  # no temporary or moved-aside folder
+    if old_folder:
+        assert folder_card(folder)["sampling"]["seed"] == 0 and len(os.listdir(folder)) == 7  # 6 classes + card
+
+
+def test_folder_layout_for_colour_images_and_more_than_ten_classes(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    images = torch.randint(0, 256, (30, 3, 8, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(30) % 26  # K = 26: class folders 00..25 sort as numbers
+    folder = str(tmp_path / "rgb")
+    sample.write_folder(folder, images, labels, {"created_by": sample.CREATED_BY}, 26, overwrite=False)
+    data = ImageFolder(folder)
+    assert data.classes == [f"{c:02d}" for c in range(26)] and len(data) == 30
+    for index, (path, target) in enumerate(data.samples):
+        i = int(os.path.splitext(os.path.basename(path))[0])
+        image, label = data[index]
+        assert label == target == labels[i] and image.size == (6, 8)  # PIL size: (W, H)
+        assert np.array_equal(np.asarray(image), images[i].permute(1, 2, 0).numpy())
+    assert sorted(os.listdir(tmp_path)) == ["rgb"]

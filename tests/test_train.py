@@ -1,5 +1,6 @@
 """The public stages end to end: losses fall, checkpoints are exact and strict, runs resume, bad input is refused."""
 
+import dataclasses
 import json
 import os
 
@@ -194,3 +195,18 @@ def test_existing_run_needs_resume(run_dir, capsys):
 def test_changed_architecture_on_resume_is_refused(run_dir, capsys):
     code, err = run_cli(capsys, *TINY, "--stage", "pretrain", "--out", run_dir, "--resume", "--unet-heads", "4")
     assert code == 2 and "unet-heads" in err[0]
+
+
+def test_a_paper_preset_on_a_cpu_prints_one_estimate_and_goes_on(tmp_path, capsys, monkeypatch):
+    import ldm.pace
+    monkeypatch.setattr(ldm.pace, "PACE_STEPS", 2)
+    cfg = make_config("smoke", {"ae_steps": 8, "ckpt_every": 100})
+    cfg = dataclasses.replace(cfg, preset="paper-mnist")  # the smoke model, labelled as a GPU preset
+    train_autoencoder(cfg, str(tmp_path), torch.device("cpu"), False, MetricsLog(None))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "s per step on this CPU" in line]
+    assert len(lines) == 1 and "try --preset quick" in lines[0] and "for the remaining 5 steps" in lines[0]
+    assert load_checkpoint(str(tmp_path / "autoencoder.pt"))[0]["done"]  # it went on to the end
+    quick = dataclasses.replace(cfg, preset="quick")
+    os.makedirs(tmp_path / "q")
+    train_autoencoder(quick, str(tmp_path / "q"), torch.device("cpu"), False, MetricsLog(None))
+    assert "s per step on this CPU" not in capsys.readouterr().err
