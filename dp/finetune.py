@@ -56,6 +56,10 @@ from ldm.sampling import write_samples
 from ldm.schedule import lr_at
 
 
+# no rate and no elapsed time: a step's duration grows with its Poisson-sampled batch size
+PRIVATE_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}"
+
+
 def public_size(dp_cfg, data):
     """(N used for q, T and delta, where it comes from): --private-size, or the private set's size (public)."""
     if dp_cfg.private_size is not None:
@@ -233,7 +237,7 @@ def train_finetune(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
               steps=run.steps, sigma=run.mech.sigma, clip=run.mech.clip)
     dp_cfg, task = cfg.dp, run.task
     bar = tqdm(range(run.ledger.steps, run.steps), desc="finetune (DP)", initial=run.ledger.steps, total=run.steps,
-               disable=not dist.main)
+               disable=not dist.main, bar_format=PRIVATE_BAR)
     for step in bar:
         if stop_at is not None and step >= stop_at:
             return None

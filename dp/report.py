@@ -19,7 +19,9 @@ THREAT_MODEL = ("The adversary knows the code, the resolved configuration (seeds
 NOT_COVERED = ("the public data sets used for the autoencoder and pretraining (assumed public)",
                "hyperparameter search or repeated runs on the private data (each run spends its own budget)",
                "the number N of private examples, treated as public unless --private-size gives a public bound",
-               "floating-point artefacts of the Gaussian sampler (Jin et al. 2022)")
+               "floating-point artefacts of the Gaussian sampler (Jin et al. 2022)",
+               "wall-clock timing: a step's duration grows with its sampled batch size; the progress bar shows no "
+               "rate or time, but file timestamps and the metrics log's record times remain")
 
 
 def privacy_report(run):

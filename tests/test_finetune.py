@@ -173,3 +173,26 @@ def test_release_runs_store_no_secret_differ_and_name_the_os(pretrained, tmp_pat
     assert "operating system" in report["noise_source"] and "add/remove" in report["neighbouring_relation"]
     assert "only secret" in report["threat_model"] and report["epsilon_add"] is not None
     assert report["epsilon"] == max(report["epsilon_add"], report["epsilon_remove"])
+
+
+def test_a_paper_preset_on_a_cpu_prints_no_timing_of_the_private_stage(pretrained, tmp_path, capsys,  # noqa: F811
+                                                                          monkeypatch):
+    """Step times depend on the Poisson-sampled batch sizes: the pace line of ldm/pace.py is for public stages only."""
+    import dataclasses
+
+    import dp.finetune
+    import ldm.pace
+    from ldm.config import make_config
+    from ldm.metrics_log import MetricsLog
+    monkeypatch.setattr(ldm.pace, "PACE_STEPS", 1)
+    monkeypatch.setattr(dp.finetune, "write_samples", lambda *a: "skipped")
+    cfg = dataclasses.replace(make_config("smoke", {**BASE, "noise_seed": 3}), preset="paper-mnist")
+    out = fresh_run(pretrained, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp.finetune.train_finetune(cfg, out, torch.device("cpu"), False, MetricsLog(None))
+    captured = capsys.readouterr()
+    shown = captured.err + captured.out
+    assert "s per step" not in shown  # no pace line
+    bars = [seg for seg in re.split(r"[\r\n]", shown) if seg.startswith("finetune (DP)")]
+    assert bars and not [b for b in bars if re.search(r"it/s|s/it|\d+:\d+", b)], bars  # no rate, no elapsed time
