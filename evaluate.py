@@ -22,6 +22,12 @@ Downstream accuracy (the protocol of DPDM, Dockhorn et al. 2023, "Differentially
 epoch is chosen by accuracy on a held-out synthetic validation split (default 10k), and only then is it run
 once on the real test set. Nothing is selected on the real test set.
 
+Tuning (`--real-split tune --tune-holdout K`): to choose a run's settings without the test set, train the private
+stage with `--tune-holdout K`, which keeps the last K images of the private training split out of the private set,
+and score on exactly those K images instead of the test split. They are tuning data outside the guarantee (the
+privacy report says so); report numbers only on the test split, once per row. (The digit-classifier network of
+`fd_digit_classifier` was trained on the whole training split, tuning images included: use --no-fd when tuning.)
+
 Frechet distances (`metrics/frechet.py`), between Gaussians fitted to features of a real split and of all
 synthetic images:
 - `fd_digit_classifier`: features from the penultimate layer of a small CNN trained on the real training
@@ -47,7 +53,7 @@ import sys
 
 from ldm.checkpoint import atomic_write_json
 from ldm.config import DataConfig
-from ldm.data import REGISTRY, load_dataset
+from ldm.data import REGISTRY, load_dataset, load_tuning_split
 from ldm.distributed import pick_device
 from ldm.errors import UserError
 from metrics import classifiers
@@ -66,6 +72,11 @@ def parse_args(argv):
                    "ImageFolder of PNGs, as sample.py writes them (forms: metrics/synthetic.py)")
     p.add_argument("--real", default="mnist", help="real data set; its test split scores the classifiers (default mnist)")
     p.add_argument("--data-root", default="./data")
+    p.add_argument("--real-split", default="test", choices=("test", "tune"),
+                   help="real split that scores the classifiers: test (report numbers), or tune, the last "
+                        "--tune-holdout training images a private stage held out (to choose settings)")
+    p.add_argument("--tune-holdout", type=int, default=0,
+                   help="with --real-split tune: the K of the private stage's --tune-holdout")
     sizes = ", ".join(f"{k} {v}" for k, v in NATIVE_SIZE.items())
     p.add_argument("--eval-size", type=int, default=None, help=f"side in pixels at which real and synthetic images are "
                    f"compared (default the real set's native side: {sizes}; others {OTHER_SIZE})")
@@ -111,6 +122,11 @@ def check_args(args):
                         f"{', '.join(classifiers.CLASSIFIERS)}, or none")
     if args.fid_reference and not args.inception_weights:
         raise UserError(f"--fid-reference {args.fid_reference} needs --inception-weights (FID is computed only with them)")
+    if args.real_split == "tune" and args.tune_holdout < 1:
+        raise UserError(f"--real-split tune needs --tune-holdout K >= 1, the K the private stage held out; "
+                        f"got {args.tune_holdout}")
+    if args.real_split == "test" and args.tune_holdout:
+        raise UserError(f"--tune-holdout {args.tune_holdout} is read only with --real-split tune")
     if args.out:
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -131,6 +147,20 @@ def real_data_config(args):
                       channels=args.channels)
 
 
+def real_split_name(args):
+    if args.real_split == "tune":
+        return f"tune: the last {args.tune_holdout} images of the training split (tuning data, never a reported number)"
+    return "test"
+
+
+def scoring_split(args, data_cfg):
+    """The real images that score the classifiers (and the digit-classifier distance): the test split, or the
+    tuning split that `--tune-holdout` kept out of a private set."""
+    if args.real_split == "tune":
+        return load_tuning_split(args.real, data_cfg, args.tune_holdout)
+    return load_dataset(args.real, data_cfg, "private", split="test")
+
+
 def portable_path(path):
     """`path` relative to the repository when it lies inside it, else its file name: never an absolute path."""
     full = os.path.realpath(path)
@@ -145,7 +175,7 @@ def fd_entry(args, data_cfg, test, synth, device):
     value = frechet_between(cnn_feature_batches(net, test.x, desc="features: real test"),
                             cnn_feature_batches(net, synth.x, desc="features: synthetic"))
     return {"value": value, "note": FD_NOTE, "n_real": len(test), "n_synthetic": len(synth),
-            "reference": f"{args.real} test split", "feature_cnn": {**info, "cache": portable_path(info["cache"])}}
+            "reference": f"{args.real} {args.real_split} split", "feature_cnn": {**info, "cache": portable_path(info["cache"])}}
 
 
 def fid_entry(args, inception, reference, synth, split):
@@ -168,13 +198,13 @@ def run(argv=None):
     names = check_args(args)
     device = pick_device(args.device)
     data_cfg = real_data_config(args)
-    test = load_dataset(args.real, data_cfg, "private", split="test")
+    test = scoring_split(args, data_cfg)
     if names and test.num_classes < 2:
         raise UserError(f"{args.real} has no class labels, so downstream accuracy is undefined; pass --classifiers none")
     synth, read_as = load_synthetic(args.synthetic, test)
     train, val = split_synthetic(synth, args.n_train, args.n_val, args.seed)
     inception = load_fid_inception(args.inception_weights).to(device) if args.inception_weights else None
-    split = args.fid_reference or "test"
+    split = args.fid_reference or args.real_split
     reference = load_dataset(args.real, data_cfg, "private", split="train") if inception and split == "train" else test
     if not args.no_fd and not os.path.exists(feature_cache_path(data_cfg)):
         check_writable(os.path.dirname(feature_cache_path(data_cfg)))  # before any training, not after it
@@ -184,7 +214,7 @@ def run(argv=None):
     result = {
         "synthetic_file": portable_path(args.synthetic), "synthetic_input": read_as, "n_synthetic": len(synth),
         "n_train": len(train[0]), "n_val": len(val[0]),
-        "real_set": args.real, "n_real_test": len(test),
+        "real_set": args.real, "real_split": real_split_name(args), "n_real_test": len(test),
         "eval_size": data_cfg.image_size, "channels": int(test.x.shape[1]),
         "accuracy": accuracy,
         "fd_digit_classifier": None if args.no_fd else fd_entry(args, data_cfg, test, synth, device),

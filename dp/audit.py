@@ -74,7 +74,7 @@ from ldm import autoencoder_stage, pretrain_stage
 from ldm.build import latent_shape
 from ldm.checkpoint import atomic_write_json
 from ldm.config import add_config_flags, config_from_args
-from ldm.data import check_pair, load_dataset
+from ldm.data import check_pair, load_private
 from ldm.distributed import pick_device
 from ldm.errors import UserError
 from ldm.metrics_log import MetricsLog
@@ -338,7 +338,7 @@ def run_audit(cfg, out, device, m=500, canary="example", steps=None, level=0.05)
     dp_cfg, started = cfg.dp, time.time()
     check_audit_args(m, canary, level, steps)
     check_clip_backend(dp_cfg.clip_backend, device)
-    data = load_dataset(cfg.data.private, cfg.data, "private")
+    data = load_private(cfg)
     n_real = len(data)
     if canary == "example" and steps is None:
         steps = 1
@@ -427,7 +427,7 @@ def sensitivity(cfg, out, device):
     secret = run_secret(cfg.dp.noise_seed)
     if os.path.exists(stage_path(out, "pretrain")):
         ae, unet = load_pretrained(cfg, out, device)
-        task, model = private_task(cfg, ae, unet, load_dataset(cfg.data.private, cfg.data, "private"), device), out
+        task, model = private_task(cfg, ae, unet, load_private(cfg), device), out
     else:
         task, model = random_task(cfg, SENSITIVITY_OTHERS + 1, device), "the preset's architecture, random weights"
     report = check_sensitivity(task, cfg.dp.clip, secret, SENSITIVITY_OTHERS)

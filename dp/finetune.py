@@ -45,7 +45,7 @@ from kernels.clip_noise import check_triton_usable
 from ldm.build import build_diffusion
 from ldm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
-from ldm.data import load_dataset, num_classes
+from ldm.data import load_private, num_classes
 from ldm.diffusion import ema_update
 from ldm.distributed import Dist, barrier
 from ldm.errors import UserError
@@ -64,7 +64,8 @@ def public_size(dp_cfg, data):
     """(N used for q, T and delta, where it comes from): --private-size, or the private set's size (public)."""
     if dp_cfg.private_size is not None:
         return dp_cfg.private_size, "--private-size (a public bound; the real size is not used)"
-    return len(data), "the private set's size, treated as public (as Opacus and the original work do)"
+    held = f", {dp_cfg.tune_holdout} training images held out for tuning" if dp_cfg.tune_holdout else ""
+    return len(data), f"the private set's size{held}, treated as public (as Opacus and the original work do)"
 
 
 def privacy_plan(dp_cfg, n):
@@ -154,7 +155,7 @@ def start_finetune(cfg, out, device, resume, dist):
     check_clip_backend(dp_cfg.clip_backend, device)
     ae, unet = load_pretrained(cfg, out, device)
     pretrained = {k: v.clone() for k, v in unet.state_dict().items()}
-    data = load_dataset(cfg.data.private, cfg.data, "private")
+    data = load_private(cfg)
     check_labels(data, num_classes(cfg.data), cfg.data.private)
     n, n_source = public_size(dp_cfg, data)
     q, steps, sigma = privacy_plan(dp_cfg, n)

@@ -22,7 +22,7 @@ from dp.select import selection_size
 from dp.step import Mechanism, dp_step, make_optimizer
 from ldm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from ldm.config import config_to_dict
-from ldm.data import load_dataset, num_classes
+from ldm.data import load_private, num_classes
 from ldm.diffusion import ema_update
 from ldm.errors import UserError
 from ldm.run_folder import check_compatible, refuse_overwrite, stage_path
@@ -42,7 +42,7 @@ def train_finetune_nonprivate(cfg, out, device, resume, log, dist, stop_at=None)
     refuse_overwrite(path, resume)
     ae, unet = load_pretrained(cfg, out, device)
     pretrained = {k: v.clone() for k, v in unet.state_dict().items()}
-    data = load_dataset(cfg.data.private, cfg.data, "private")
+    data = load_private(cfg)
     check_labels(data, num_classes(cfg.data), cfg.data.private)
     q = sampling_rate(dp_cfg.expected_batch, len(data))
     steps = num_steps(dp_cfg.epochs, q)

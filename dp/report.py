@@ -42,7 +42,14 @@ def privacy_report(run):
         neighbouring_relation=neighbouring_relation, sampling="Poisson, each example independently with rate q",
         trainable_parameters=n_train, selection_size=share, dp_blocks=d.dp_blocks,
         per_sample_clipping=run.task.method, noise_source=run.secret.source, threat_model=THREAT_MODEL,
-        not_covered=list(NOT_COVERED))
+        tune_holdout=d.tune_holdout, not_covered=list(NOT_COVERED) + held_out(run.cfg))
+
+
+def held_out(cfg):
+    """The not-covered line of the tuning images --tune-holdout keeps out of the private set, if any."""
+    k = cfg.dp.tune_holdout
+    return [f"the last {k} training images of '{cfg.data.private}', held out for tuning (--tune-holdout): never "
+            f"in the private set, and no guarantee for them or for the settings chosen with them"] if k else []
 
 
 def report_text(report):

@@ -122,6 +122,8 @@ class DPConfig:
                                       "(bookkeeping where supported), bookkeeping or vmap")
     private_size: typing.Optional[int] = _field(None, "public bound on N for q and T; unset: the private set's size, "
                                                       "treated as public")
+    tune_holdout: int = _field(0, "leave the private training split's last K images out, as tuning data OUTSIDE the "
+                                  "guarantee (evaluate.py)")
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,8 @@ def config_to_dict(cfg):
 
 # Fields added after checkpoints were first written, with the value that reproduces what older code did.
 # Only fields that change neither the model nor the privacy guarantee belong here.
-ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None}, "diffusion": {"sampler": "ddim"}}
+ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None, "tune_holdout": 0},
+                "diffusion": {"sampler": "ddim"}}
 
 
 def config_from_dict(d):
@@ -352,6 +355,9 @@ def validate(cfg):
             raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
     if cfg.dp.private_size is not None and not (isinstance(cfg.dp.private_size, int) and cfg.dp.private_size >= 1):
         raise UserError(f"--private-size must be a whole number >= 1 (a public bound on N), got {cfg.dp.private_size!r}")
+    if not (isinstance(cfg.dp.tune_holdout, int) and cfg.dp.tune_holdout >= 0):
+        raise UserError(f"--tune-holdout must be a whole number >= 0 (images held out for tuning), "
+                        f"got {cfg.dp.tune_holdout!r}")
     if cfg.dp.physical_batch > 100000:
         raise UserError(f"--physical-batch {cfg.dp.physical_batch} is unreasonably large")
 

@@ -122,6 +122,29 @@ def load_dataset(name, data_cfg, role, split="train"):
     return ImageSet(name, x.contiguous(), y, REGISTRY[name].num_classes)
 
 
+def load_private(cfg):
+    """The private set: the private data set's training split less its last `cfg.dp.tune_holdout` images."""
+    return split_holdout(load_dataset(cfg.data.private, cfg.data, "private"), cfg.dp.tune_holdout)[0]
+
+
+def load_tuning_split(name, data_cfg, k):
+    """The last `k` images of `name`'s training split: tuning data, never in a private set run with
+    --tune-holdout k, and outside every guarantee."""
+    if k < 1:
+        raise UserError(f"the tuning split needs --tune-holdout K >= 1 (the K the private stage held out), got {k}")
+    return split_holdout(load_dataset(name, data_cfg, "private"), k)[1]
+
+
+def split_holdout(data, k):
+    """(data less its last k images, those last k images). A fixed, public rule: no example is read to choose."""
+    if not 0 <= k < len(data):
+        raise UserError(f"--tune-holdout {k} must lie in [0, {len(data) - 1}]: {data.name!r} has {len(data)} "
+                        f"training images and the private set needs at least one")
+    cut = len(data) - k
+    return (ImageSet(data.name, data.x[:cut], data.y[:cut], data.num_classes),
+            ImageSet(data.name, data.x[cut:], data.y[cut:], data.num_classes))
+
+
 def make_fake(n, channels, size, seed):
     """Tiny random labelled images for tests: a bright square whose position encodes the label, plus noise."""
     g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import SHARED_DATA
 from ldm.config import make_config
-from ldm.data import REGISTRY, check_pair, load_dataset, to_unit_range
+from ldm.data import REGISTRY, check_pair, load_dataset, load_private, load_tuning_split, split_holdout, to_unit_range
 from ldm.errors import UserError
 
 
@@ -77,3 +77,15 @@ def test_real_mnist_resized_to_32():
     d = load_dataset("mnist", cfg(private="mnist", data_root=SHARED_DATA), "private", split="test")
     assert d.x.shape == (10000, 1, 32, 32) and d.num_classes == 10
     assert torch.bincount(d.y).tolist()[:3] == [980, 1135, 1032]
+
+
+def test_the_tuning_holdout_splits_the_training_set_in_two_disjoint_parts():
+    config = make_config("smoke", {"tune_holdout": 56})
+    whole = load_dataset("fake", config.data, "private")
+    kept, held = load_private(config), load_tuning_split("fake", config.data, 56)
+    assert (len(kept), len(held)) == (200, 56)
+    assert torch.equal(torch.cat([kept.x, held.x]), whole.x) and torch.equal(torch.cat([kept.y, held.y]), whole.y)
+    assert torch.equal(load_private(make_config("smoke")).x, whole.x)  # no holdout: the whole training split
+    for k in (-1, 256):
+        with pytest.raises(UserError, match=f"--tune-holdout {k} must lie in \\[0, 255\\]"):
+            split_holdout(whole, k)

@@ -185,6 +185,28 @@ def test_real_test_set_is_used_once_per_classifier_after_training(fake_test, tmp
         assert r["epoch"] == 1 + r["val_history_synthetic"].index(r["val_accuracy_synthetic"])
 
 
+def test_the_tune_split_scores_instead_of_the_test_set(tmp_path, monkeypatch):
+    path, scored, real_accuracy = write_npz(tmp_path / "s.npz"), [], classifiers.accuracy
+    monkeypatch.setattr(classifiers, "accuracy", lambda model, x, y, **kw: scored.append(x) or real_accuracy(
+        model, x, y, **kw))
+    out = evaluate.run(["--synthetic", path, "--real", "fake", "--data-root", str(tmp_path), "--n-val", "100",
+                        "--classifiers", "logreg", "--epochs", "1", "--no-fd", "--real-split", "tune",
+                        "--tune-holdout", "40"])
+    train = load_dataset("fake", DataConfig(public="fake", private="fake"), "private", "train")
+    assert torch.equal(scored[-1], train.x[-40:]) and out["n_real_test"] == 40
+    assert out["real_split"].startswith("tune: the last 40 images of the training split")
+
+
+@pytest.mark.parametrize("flags, needle", [(["--real-split", "tune"], "--real-split tune needs --tune-holdout K >= 1"),
+                                           (["--tune-holdout", "5"], "--tune-holdout 5 is read only with --real-split"),
+                                           (["--real-split", "tune", "--tune-holdout", "256"], "--tune-holdout 256 must")])
+def test_bad_tuning_flags_are_refused(tmp_path, flags, needle):
+    path = write_npz(tmp_path / "s.npz")
+    with pytest.raises(UserError, match=needle):
+        evaluate.run(["--synthetic", path, "--real", "fake", "--data-root", str(tmp_path), "--n-val", "100",
+                      "--classifiers", "logreg", "--no-fd", *flags])
+
+
 def test_train_and_select_keeps_best_epoch_and_is_deterministic():
     x, y = make_fake(200, 1, 32, seed=9)
     results = []

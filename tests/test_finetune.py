@@ -14,6 +14,7 @@ import torch
 import train
 from dp.nonprivate import STAGE as NONPRIVATE
 from ldm.checkpoint import load_checkpoint, save_checkpoint
+from ldm.data import load_dataset
 from ldm.errors import UserError
 from test_dp import BASE, finetune, fresh_run, pretrained  # noqa: F401 - the shared module fixture
 
@@ -117,17 +118,39 @@ def test_output_and_logs_hold_no_batch_size_loss_or_private_size(pretrained, tmp
 
 
 def test_bad_labels_are_refused_without_showing_a_label(pretrained, tmp_path, monkeypatch):  # noqa: F811
-    import dp.finetune
-    real = dp.finetune.load_dataset
+    import ldm.data
+    real = ldm.data.load_dataset
 
     def with_bad_label(*args, **kwargs):
         data = real(*args, **kwargs)
         data.y[7] = 4321
         return data
-    monkeypatch.setattr(dp.finetune, "load_dataset", with_bad_label)
+    monkeypatch.setattr(ldm.data, "load_dataset", with_bad_label)
     with pytest.raises(UserError, match="labels outside 0..9") as info:
         finetune(fresh_run(pretrained, tmp_path))
     assert "4321" not in str(info.value)
+
+
+def test_the_tuning_holdout_never_reaches_the_private_stage(pretrained, tmp_path, monkeypatch):  # noqa: F811
+    import dp.finetune
+    seen, real_task = [], dp.finetune.private_task
+    monkeypatch.setattr(dp.finetune, "private_task", lambda cfg, ae, unet, data, device:
+                        seen.append(data) or real_task(cfg, ae, unet, data, device))
+    cfg, report = finetune(fresh_run(pretrained, tmp_path), tune_holdout=56)
+    whole = load_dataset(cfg.data.private, cfg.data, "private")
+    held = {bytes(x.numpy()) for x in whole.x[-56:]}
+    (private,) = seen  # the only private set the stage encodes and trains on
+    assert len(private) == 200 and torch.equal(private.x, whole.x[:200]) and torch.equal(private.y, whole.y[:200])
+    assert not held & {bytes(x.numpy()) for x in private.x}
+    assert report["n_private"] == 200 and report["q"] == 16 / 200 and report["tune_holdout"] == 56
+    assert any("held out for tuning" in line for line in report["not_covered"])
+
+
+@pytest.mark.parametrize("k", [-1, 256, 1000])
+def test_a_tuning_holdout_that_leaves_no_private_set_is_refused(pretrained, tmp_path, k):  # noqa: F811
+    with pytest.raises(UserError, match="--tune-holdout") as info:
+        finetune(fresh_run(pretrained, tmp_path), tune_holdout=k)
+    assert str(k) in str(info.value)
 
 
 # ---- Release mode ----------------------------------------------------------------------------
