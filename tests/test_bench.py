@@ -104,7 +104,7 @@ def test_dp_bench_smallest_cpu_run(tmp_path):
     assert {k: report["args"][k] for k in ("preset", "batch", "physical_batch", "repeats", "warmup")} == \
         {"preset": "smoke", "batch": 2, "physical_batch": 1, "repeats": 1, "warmup": 0}
     names = {"a": "non-private", "b": "ours (DP, bk)", "v": "ours (DP, vmap)"}
-    names |= {"c": "opacus (DP)"} if HAS_OPACUS else {}
+    names |= {"c": "opacus (DP)", "g": "opacus ghost (DP)"} if HAS_OPACUS else {}
     results = report["results"]
     assert set(results) == set(names)
     for key, r in results.items():
@@ -123,7 +123,9 @@ def test_dp_bench_smallest_cpu_run(tmp_path):
     if HAS_OPACUS:
         expected |= {"dp_over_opacus": results["c"]["seconds"] / results["b"]["seconds"],
                      "dp_over_opacus_cpu": results["c"]["cpu_seconds"] / results["b"]["cpu_seconds"],
-                     "vmap_over_opacus": results["c"]["seconds"] / results["v"]["seconds"]}
+                     "vmap_over_opacus": results["c"]["seconds"] / results["v"]["seconds"],
+                     "dp_over_opacus_ghost": results["g"]["seconds"] / results["b"]["seconds"],
+                     "dp_over_opacus_ghost_cpu": results["g"]["cpu_seconds"] / results["b"]["cpu_seconds"]}
     assert set(ratios) == set(expected)
     for key, value in expected.items():
         positive_finite(ratios[key], key)
@@ -132,7 +134,7 @@ def test_dp_bench_smallest_cpu_run(tmp_path):
     sanity = report["sanity"]  # sigma 0, C = the median per-sample norm
     positive_finite(sanity["clip"], "sanity.clip")
     assert sanity["clip"] == sanity["median_norm"] < sanity["max_norm"]  # the larger example is clipped
-    for key in ("vs_autograd", "bk_vs_vmap", *(("vs_opacus",) if HAS_OPACUS else ())):
+    for key in ("vs_autograd", "bk_vs_vmap", *(("vs_opacus", "vs_opacus_ghost") if HAS_OPACUS else ())):
         assert 0 <= sanity[key] < 1e-5, (key, sanity[key])  # relative differences of the same sums: fp32 rounding
 
     lines = stdout.splitlines()
