@@ -22,7 +22,7 @@ import sys
 
 from dp.finetune import train_finetune
 from dp.nonprivate import STAGE as STAGE_NONPRIVATE, train_finetune_nonprivate
-from dp.select import parse_blocks
+from dp.select import select_trainable
 from ldm.autoencoder_stage import train_autoencoder
 from ldm.build import build_unet
 from ldm.checkpoint import atomic_write_json
@@ -58,7 +58,7 @@ def run(argv=None):
     cfg = config_from_args(args)
     check_pair(cfg.data)
     if args.stage in ("finetune", "all", STAGE_NONPRIVATE):
-        parse_blocks(cfg.dp.dp_blocks, build_unet(cfg))  # a bad --dp-blocks stops the run before any work
+        select_trainable(build_unet(cfg), cfg)  # a bad --dp-blocks or --dp-lora stops the run before any work
     out = args.out or os.path.join("runs", cfg.preset)
     existed = os.path.exists(out)
     dist, device = init_distributed(pick_device(cfg.run.device), cfg.run.dist_timeout)

@@ -35,6 +35,7 @@ Canaries (`--canary`):
          mechanism's noise. Score: the sum over steps of the noisy gradient at the canary's coordinate, in
          units of one clipped canary (C / (q N)): the DP output the optimiser receives (with AdamW the
          parameter change is a nonlinear function of it, so the audit scores the released gradient).
+         Refused with --dp-lora: LoRA factors have no coordinates that data never reaches.
   black  a canary is a uniform-noise image with a random label, added to the private set for one run;
          score: minus its diffusion loss under the fine-tuned UNet, mean over SCORE_DRAWS fixed (t, noise) draws.
 
@@ -266,6 +267,14 @@ def check_audit_args(m, canary, level, steps):
         raise UserError(f"--steps must be a whole number >= 1, got {steps!r}")
 
 
+def check_canary_model(canary, dp_cfg):
+    """White-box gradient canaries need coordinates no data can reach; LoRA factors have none (a `down` factor's
+    gradient is zero only while its `up` factor is), so --canary white with --dp-lora is refused."""
+    if canary == "white" and dp_cfg.dp_lora:
+        raise UserError(f"--canary white cannot audit --dp-lora {dp_cfg.dp_lora}: LoRA factors have no coordinates "
+                        f"that data never reaches; use --canary example or black, or --dp-lora 0")
+
+
 def audit_plan(dp_cfg, n, m, steps):
     """(q, T, sigma) of the audited run over N = n examples (private set plus all m canaries).
 
@@ -337,6 +346,7 @@ def run_audit(cfg, out, device, m=500, canary="example", steps=None, level=0.05)
     """
     dp_cfg, started = cfg.dp, time.time()
     check_audit_args(m, canary, level, steps)
+    check_canary_model(canary, dp_cfg)
     check_clip_backend(dp_cfg.clip_backend, device)
     data = load_private(cfg)
     n_real = len(data)
@@ -440,6 +450,8 @@ def run(argv=None):
     check_audit_args(args.m, args.canary, args.level, args.steps)
     cfg = config_from_args(args)
     check_pair(cfg.data)
+    if not args.check_sensitivity:
+        check_canary_model(args.canary, cfg.dp)  # before the public stages run
     out = args.out or os.path.join("runs", cfg.preset)
     if args.check_sensitivity:
         with contextlib.redirect_stdout(sys.stderr):

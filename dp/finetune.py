@@ -24,9 +24,11 @@ Read top to bottom, one logical step (dp/step.py, `dp_step`) is:
   5. add N(0, (sigma C)^2) once, divide by q N (kernels/clip_noise.py), one optimiser step, warm-up, EMA.
 sigma is calibrated before training from (epsilon, delta, q, T) by dp/accountant.py. The autoencoder is frozen
 and only encodes; UNet parameters outside the selected blocks never change (checked at the end).
+With --dp-lora RANK the selected parameters are instead LoRA factors on the blocks' attention projections
+(dp/lora.py); the blocks' own weights stay frozen too, and the EMA UNet, what the checkpoint releases and sample.py
+reads, holds the adapters merged into the plain architecture.
 """
 
-import copy
 import dataclasses
 import os
 
@@ -36,10 +38,11 @@ from tqdm import tqdm
 from dp.accountant import calibrate_sigma, neighbouring_relation, validate_privacy_params
 from dp.bookkeeping import Unsupported, check_supported
 from dp.ledger import PrivacyLedger
+from dp.lora import merged_copy, merged_names, merged_state
 from dp.poisson import num_steps, sampling_rate
 from dp.randomness import run_secret
 from dp.report import privacy_report, write_report
-from dp.select import select_parameters, selection_size
+from dp.select import select_trainable, selection_size
 from dp.step import Mechanism, Task, dp_step, make_optimizer
 from kernels.clip_noise import check_triton_usable
 from ldm.build import build_diffusion
@@ -120,9 +123,10 @@ def encode_private(ae, data, device):
 
 
 def private_task(cfg, ae, unet, data, device):
-    """The fine-tuning Task (dp/step.py): selected parameters, encoded private latents, labels, grad method."""
+    """The fine-tuning Task (dp/step.py): selected parameters (of `unet`, adapted in place with --dp-lora),
+    encoded private latents, labels, grad method."""
     dp_cfg = cfg.dp
-    params = select_parameters(unet, dp_cfg.dp_blocks, dp_cfg.dp_class_embed)
+    params = select_trainable(unet, cfg)
     return Task(unet, build_diffusion(cfg), params, encode_private(ae, data, device), data.y.to(device),
                 resolve_grad_method(dp_cfg.grad_method, unet, params), dp_cfg.physical_batch, dp_cfg.clip_backend)
 
@@ -164,7 +168,7 @@ def start_finetune(cfg, out, device, resume, dist):
     ledger.check_mechanism()
     run = FinetuneRun(cfg, out, path, ae, task, Mechanism(q, dp_cfg.clip, sigma, q * n), steps, n, n_source,
                       run_secret(dp_cfg.noise_seed), make_optimizer(dp_cfg, task.params),
-                      copy.deepcopy(unet).requires_grad_(False), ledger, pretrained)
+                      merged_copy(unet), ledger, pretrained)
     if resume and os.path.exists(path):
         restore(run)
     elif ledger.steps:
@@ -226,8 +230,13 @@ def announce(run, dist):
     n_train, share = selection_size(task.unet, task.params)
     print(f"finetune: N={run.n} ({run.n_source}), q={run.mech.q:.6g}, T={run.steps} logical steps, C={dp_cfg.clip:g}, "
           f"sigma={run.mech.sigma:.4f} for ({dp_cfg.epsilon:g}, {dp_cfg.delta:g})-DP under {neighbouring_relation}; "
-          f"trainable {n_train:,} parameters ({100 * share:.1f}% of the UNet) in blocks '{dp_cfg.dp_blocks}', "
-          f"clipping by {task.method}, {dist.world} process(es)")
+          f"trainable {n_train:,} parameters ({100 * share:.1f}% of the UNet) in blocks '{dp_cfg.dp_blocks}'"
+          f"{lora_text(dp_cfg)}, clipping by {task.method}, {dist.world} process(es)")
+
+
+def lora_text(dp_cfg):
+    """How the blocks are trained, for the plan lines: '' (their own weights) or the LoRA rank."""
+    return f" as rank-{dp_cfg.dp_lora} LoRA adapters of their attention projections" if dp_cfg.dp_lora else ""
 
 
 def train_finetune(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
@@ -243,7 +252,7 @@ def train_finetune(cfg, out, device, resume, log, stop_at=None, dist=Dist()):
         if stop_at is not None and step >= stop_at:
             return None
         dp_step(task, run.mech, run.secret, step, run.opt, lr_at(step, dp_cfg.lr, dp_cfg.warmup), run.ledger, dist)
-        ema_update(run.ema, task.unet, dp_cfg.dp_ema)
+        ema_update(run.ema, merged_state(task.unet), dp_cfg.dp_ema)
         done_steps = step + 1
         if dist.main and (done_steps % cfg.run.log_every == 0 or done_steps == run.steps):
             eps = run.ledger.epsilon(dp_cfg.delta)  # from (sigma, q, steps) only: no private value
@@ -272,8 +281,10 @@ def finish(run, log, dist):
 
 
 def check_frozen(unet, ema, pretrained, params):
-    """Every parameter outside the selected set is bit-identical to the pretrained one (model and EMA)."""
-    for model in (unet, ema):
+    """Every parameter outside the selected set is bit-identical to the pretrained one, in the model (with
+    --dp-lora: the adapted projections' own weights included) and in the EMA (which holds the merged weights: with
+    --dp-lora there the adapted projections' weights W + B A may differ too)."""
+    for model, trained in ((unet, set(params)), (ema, merged_names(unet, params))):
         for name, value in model.state_dict().items():
-            if name not in params and not torch.equal(value, pretrained[name]):
+            if name not in trained and not torch.equal(value, pretrained[name]):
                 raise RuntimeError(f"frozen parameter {name} changed during DP fine-tuning")

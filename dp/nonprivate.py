@@ -3,19 +3,19 @@ and no noise. Its model is NOT differentially private and must never be released
 result table can show what DP costs (`train.py --stage finetune-nonprivate`). It reads the private set.
 
 Everything except clipping and noise is the DP stage's: the same pretrained model, selected parameters
-(--dp-blocks), Poisson-sampled batches of expected size --expected-batch, per-example draws, number of
+(--dp-blocks, --dp-lora), Poisson-sampled batches of expected size --expected-batch, per-example draws, number of
 logical steps, divisor q N, optimiser, learning rate, warm-up and EMA: the very `dp_step` of dp/step.py,
 called with a Mechanism whose clip is None and sigma 0. Its randomness is seeded by --seed (nothing to
 hide). The checkpoint is written to its own file, carries `differentially_private: False` and no privacy
 ledger or report, so that it cannot be taken for the output of the DP stage.
 """
 
-import copy
 import os
 
 from tqdm import tqdm
 
-from dp.finetune import check_frozen, check_labels, load_pretrained, private_task
+from dp.finetune import check_frozen, check_labels, load_pretrained, lora_text, private_task
+from dp.lora import merged_copy, merged_state
 from dp.poisson import num_steps, sampling_rate
 from dp.randomness import seeded_secret
 from dp.select import selection_size
@@ -49,11 +49,11 @@ def train_finetune_nonprivate(cfg, out, device, resume, log, dist, stop_at=None)
     task = private_task(cfg, ae, unet, data, device)
     n_train, share = selection_size(unet, task.params)
     print(f"{STAGE}: {WARNING}. N={len(data)}, q={q:.6g}, T={steps} logical steps, trainable {n_train:,} "
-          f"parameters ({100 * share:.1f}% of the UNet) in blocks '{dp_cfg.dp_blocks}'")
+          f"parameters ({100 * share:.1f}% of the UNet) in blocks '{dp_cfg.dp_blocks}'{lora_text(dp_cfg)}")
     log.write(stage=STAGE, event="plan", differentially_private=False, q=q, steps=steps, trainable=n_train)
     mech = Mechanism(q, clip=None, sigma=0.0, divisor=q * len(data))  # no clipping, no noise: NOT private
     secret = seeded_secret(cfg.run.seed, f"--seed {cfg.run.seed} (not private)")
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema = merged_copy(unet)  # the plain architecture, adapters merged (dp/lora.py)
     opt = make_optimizer(dp_cfg, task.params)
     start = restore(path, cfg, unet, ema, opt) if resume and os.path.exists(path) else 0
 
@@ -67,7 +67,7 @@ def train_finetune_nonprivate(cfg, out, device, resume, log, dist, stop_at=None)
         if stop_at is not None and step >= stop_at:
             return None
         dp_step(task, mech, secret, step, opt, lr_at(step, dp_cfg.lr, dp_cfg.warmup))
-        ema_update(ema, unet, dp_cfg.dp_ema)
+        ema_update(ema, merged_state(unet), dp_cfg.dp_ema)
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
             log.write(stage=STAGE, step=step + 1, lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.run.ckpt_every == 0:

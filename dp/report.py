@@ -40,7 +40,7 @@ def privacy_report(run):
                     else "RDP (PRV failed)"),
         epsilon_rdp_crosscheck=eps.epsilon_rdp if eps else None, accountant_warning=eps.warning if eps else None,
         neighbouring_relation=neighbouring_relation, sampling="Poisson, each example independently with rate q",
-        trainable_parameters=n_train, selection_size=share, dp_blocks=d.dp_blocks,
+        trainable_parameters=n_train, selection_size=share, dp_blocks=d.dp_blocks, dp_lora=d.dp_lora,
         per_sample_clipping=run.task.method, noise_source=run.secret.source, threat_model=THREAT_MODEL,
         tune_holdout=d.tune_holdout, not_covered=list(NOT_COVERED) + held_out(run.cfg))
 
@@ -61,8 +61,13 @@ def report_text(report):
             f"{_fmt(report['epsilon_rdp_crosscheck'])}) of {report['steps']} steps of the Poisson-subsampled "
             f"Gaussian mechanism with q={report['q']:.6g}, sigma={report['sigma']:.4f}, clipping C={report['clip']:g}, "
             f"training {report['trainable_parameters']:,} parameters ({100 * report['selection_size']:.1f}% of the "
-            f"UNet). Randomness: {report['noise_source']}. Threat model: {report['threat_model']} Not covered: "
-            f"{'; '.join(report['not_covered'])}.")
+            f"UNet{_lora(report)}). Randomness: {report['noise_source']}. Threat model: {report['threat_model']} "
+            f"Not covered: {'; '.join(report['not_covered'])}.")
+
+
+def _lora(report):
+    rank = report.get("dp_lora")
+    return f", LoRA factors of rank {rank}" if rank else ""
 
 
 def _fmt(value):

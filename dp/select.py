@@ -7,8 +7,12 @@ class embedding table. Everything else is frozen and stays bit-identical.
     decoder+mid         a union of the above, joined by '+'
     levels=1,2          every block at UNet levels 1 and 2 (the middle block belongs to the deepest level)
     up1_0,up1_1,mid     an explicit comma-separated list of block names
+
+With `--dp-lora RANK` (dp/lora.py) the chosen blocks' attention projections get LoRA adapters, and only the
+adapters' factors are trained in those blocks: their own weights, the adapted projections' included, stay frozen.
 """
 
+from dp.lora import add_lora, factor_projections, lora_generator
 from ldm.errors import UserError
 
 GROUPS = {"all": lambda n: True, "encoder": lambda n: n.startswith("down"),
@@ -42,20 +46,32 @@ def parse_blocks(spec, unet):
     return chosen
 
 
-def select_parameters(unet, spec, class_embed=True):
-    """Freeze the UNet except the chosen blocks (and the class embedding); return {name: parameter} to train."""
+def select_parameters(unet, spec, class_embed=True, lora=False):
+    """Freeze the UNet except the chosen blocks (with `lora`: only the LoRA factors in them) and the class
+    embedding; return {name: parameter} to train."""
     prefixes = tuple(f"attn.{b}." for b in parse_blocks(spec, unet))
-    if class_embed:
-        prefixes += ("class_embed.",)
+    factors = factor_projections(unet)
     selected = {}
     for name, p in unet.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
+        p.requires_grad_((name.startswith(prefixes) and (name in factors or not lora))
+                         or (class_embed and name.startswith("class_embed.")))
         if p.requires_grad:
             selected[name] = p
     return selected
 
 
+def select_trainable(unet, cfg):
+    """The private stage's selection: adapt `unet` in place as --dp-lora asks (seeded by --seed), then freeze it
+    except what --dp-blocks and --dp-class-embed choose. Returns {name: parameter} to train."""
+    dp_cfg = cfg.dp
+    if dp_cfg.dp_lora:
+        add_lora(unet, parse_blocks(dp_cfg.dp_blocks, unet), dp_cfg.dp_lora, lora_generator(cfg.run.seed))
+    return select_parameters(unet, dp_cfg.dp_blocks, dp_cfg.dp_class_embed, lora=dp_cfg.dp_lora > 0)
+
+
 def selection_size(unet, selected):
-    """(number of trainable parameters, their share of all UNet parameters)."""
+    """(number of trainable parameters, their share of the parameters of the UNet's plain architecture, that is
+    without LoRA factors)."""
     n = sum(p.numel() for p in selected.values())
-    return n, n / sum(p.numel() for p in unet.parameters())
+    factors = factor_projections(unet)
+    return n, n / sum(p.numel() for name, p in unet.named_parameters() if name not in factors)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from dp.select import select_parameters
+from dp.select import select_trainable
 from dp.step import Task, gradient_sum
 from ldm.build import build_diffusion, build_unet, latent_shape
 from ldm.data import num_classes
@@ -58,16 +58,17 @@ def sensitivity_ratios(task, clip, secret, step, idx, x, methods=("bookkeeping",
 
 
 def random_task(cfg, n, device):
-    """The preset's UNet with seeded random weights (zero-initialised ones redrawn, so every selected tensor
-    has a gradient) and n random latents and labels: the model side of a check that needs no training."""
+    """The preset's UNet (with --dp-lora: adapted) with seeded random weights (zero-initialised ones, LoRA's up
+    factors included, redrawn, so every selected tensor has a gradient) and n random latents and labels: the
+    model side of a check that needs no training."""
     torch.manual_seed(cfg.run.seed)
     unet = build_unet(cfg)
+    params = select_trainable(unet, cfg)
     with torch.no_grad():
         for p in unet.parameters():
             if p.dim() > 1 and not p.any():
                 p.normal_(0.0, 0.02)
     unet = unet.to(device)
-    params = select_parameters(unet, cfg.dp.dp_blocks, cfg.dp.dp_class_embed)
     gen = torch.Generator().manual_seed(cfg.run.seed + 1)
     shape = (n, *latent_shape(cfg))
     latents = (torch.randn(shape, generator=gen).to(device), (0.1 * torch.rand(shape, generator=gen)).to(device))

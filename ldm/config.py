@@ -110,6 +110,8 @@ class DPConfig:
     dp_blocks: str = _field("all", "transformer blocks to fine-tune: all, encoder, decoder, mid, levels=1,2, "
                                    "up1_0,mid, ... (dp/select.py)")
     dp_class_embed: bool = _field(True, "also fine-tune the class embedding table")
+    dp_lora: int = _field(0, "LoRA rank on the chosen blocks' attention projections (dp/lora.py); 0 trains the "
+                             "blocks' own weights")
     optimizer: str = _field("adamw", "fine-tuning optimiser over the noisy gradient")
     weight_decay: float = _field(0.0, "weight decay of the fine-tuning optimiser")
     warmup: int = _field(0, "logical steps of linear learning-rate warm-up of the fine-tuning")
@@ -288,8 +290,8 @@ def config_to_dict(cfg):
 
 
 # Fields added after checkpoints were first written, with the value that reproduces what older code did.
-# Only fields that change neither the model nor the privacy guarantee belong here.
-ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None, "tune_holdout": 0},
+# Only fields whose value here changes neither the model nor the privacy guarantee of an older run belong here.
+ADDED_FIELDS = {"dp": {"grad_method": "vmap", "private_size": None, "tune_holdout": 0, "dp_lora": 0},
                 "diffusion": {"sampler": "ddim"}}
 
 
@@ -358,6 +360,10 @@ def validate(cfg):
     if not (isinstance(cfg.dp.tune_holdout, int) and cfg.dp.tune_holdout >= 0):
         raise UserError(f"--tune-holdout must be a whole number >= 0 (images held out for tuning), "
                         f"got {cfg.dp.tune_holdout!r}")
+    lora = cfg.dp.dp_lora
+    if isinstance(lora, bool) or not (isinstance(lora, int) and lora >= 0):
+        raise UserError(f"--dp-lora must be a whole number >= 0 (the LoRA rank; 0 trains the blocks' own weights), "
+                        f"got {lora!r}")
     if cfg.dp.physical_batch > 100000:
         raise UserError(f"--physical-batch {cfg.dp.physical_batch} is unreasonably large")
 

@@ -128,8 +128,12 @@ def linear_betas(timesteps, start, end):
 
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
-    """ema <- decay * ema + (1 - decay) * params, for every parameter; buffers are copied."""
-    for pe, p in zip(ema_model.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1.0 - decay)
-    for be, b in zip(ema_model.buffers(), model.buffers()):
-        be.copy_(b)
+    """ema <- decay * ema + (1 - decay) * params, for every parameter; buffers are copied.
+
+    model: a module of ema_model's architecture, or its {name: tensor} state dict (the private stage passes a
+    LoRA model's weights merged into the plain architecture, dp/lora.py `merged_state`)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    for name, pe in ema_model.named_parameters():
+        pe.lerp_(state[name].detach(), 1.0 - decay)
+    for name, be in ema_model.named_buffers():
+        be.copy_(state[name])
