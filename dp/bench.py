@@ -1,9 +1,9 @@
 """Benchmark one DP fine-tuning step against a non-private step and Opacus, on the same UNet and trainable set.
 
     python -m dp.bench [--preset quick] [--batch 256] [--physical-batch N] [--repeats R] [--warmup W]
-                       [--threads T] [--device cpu|cuda] [--json PATH]
+                       [--threads T] [--device cpu|cuda] [--dp-blocks SPEC] [--dp-lora RANK] [--json PATH]
 
-Four ways to take one optimiser step on the parameters `select_parameters(unet, cfg.dp.dp_blocks)` of the
+Five ways to take one optimiser step on the parameters `select_trainable(unet, cfg)` (dp/select.py) of the
 preset's UNet, for one batch of B random latents, labels, timesteps and noise draws:
   (a) non-private: forward and backward of the mean diffusion loss, one optimiser step;
   (b) ours, the default: training's own `dp.step.dp_step` with q = 1 and --grad-method bookkeeping (per physical
@@ -56,6 +56,7 @@ from dp.sensitivity import random_task
 from dp.step import Mechanism, Task, dp_step, example_inputs, make_optimizer, private_gradient
 from kernels.clip_noise import clip_and_noise_reference
 from ldm.config import PRESETS, make_config
+from ldm.errors import UserError
 
 METHODS = {"a": "non-private", "b": "ours (DP, bk)", "v": "ours (DP, vmap)", "c": "opacus (DP)",
            "g": "opacus ghost (DP)"}
@@ -79,12 +80,13 @@ class Setup:
     step: int = 0  # advances after every timed step, so each step has fresh per-example draws and noise
 
 
-def build_setup(preset, batch, physical_batch, device):
+def build_setup(args, device):
     """The preset's UNet with random weights, its selected parameters and B random latents."""
-    cfg = make_config(preset, {"physical_batch": physical_batch, "seed": SEED})
-    task = random_task(cfg, batch, device)
+    cfg = make_config(args.preset, {"physical_batch": args.physical_batch, "seed": SEED, "dp_blocks": args.dp_blocks,
+                                    "dp_lora": args.dp_lora})
+    task = random_task(cfg, args.batch, device)
     task.unet.train()
-    return Setup(cfg, task, seeded_secret(SEED + 2, "benchmark seed"), torch.arange(batch, device=device))
+    return Setup(cfg, task, seeded_secret(SEED + 2, "benchmark seed"), torch.arange(args.batch, device=device))
 
 
 def draw_inputs(s):
@@ -197,7 +199,7 @@ def peak_rss_mib():
 def measure(args):
     """Time one method (--only) in this process: median seconds per step and peak memory, as a dict."""
     device = torch.device(args.device)
-    s = build_setup(args.preset, args.batch, args.physical_batch, device)
+    s = build_setup(args, device)
     step = {"a": nonprivate_step, "b": ours_step, "v": lambda s: ours_step(s, "vmap"),
             "c": opacus_step, "g": lambda s: opacus_step(s, "g")}[args.only](s)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -229,7 +231,9 @@ def run_child(args, method):
         path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "dp.bench", "--only", method, "--json", path, "--preset", args.preset,
                "--batch", str(args.batch), "--physical-batch", str(args.physical_batch), "--repeats",
-               str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
+               str(args.repeats), "--warmup", str(args.warmup), "--device", args.device, "--dp-lora", str(args.dp_lora)]
+        if args.dp_blocks:
+            cmd += ["--dp-blocks", args.dp_blocks]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         subprocess.run(cmd, cwd=REPO, check=True)
@@ -279,7 +283,7 @@ def per_sample_norms(s, names, z0, y, t, noise):
 def sanity_check(args, with_opacus):
     """On one batch: ours (sigma 0) vs Opacus's clipped gradient, and our unclipped per-sample sum vs autograd."""
     device = torch.device(args.device)
-    s = build_setup(args.preset, args.batch, args.physical_batch, device)
+    s = build_setup(args, device)
     task, names = s.task, list(s.task.params)
     z0, y, t, noise = draw_inputs(s)
     norms = torch.cat([per_sample_norms(s, names, z0[c], y[c], t[c], noise[c])
@@ -378,6 +382,10 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dp-blocks", default=None, help="transformer blocks to train (dp/select.py; default: the "
+                        "preset's)")
+    parser.add_argument("--dp-lora", type=int, default=0, help="LoRA rank on the blocks' attention projections "
+                        "(0: train the blocks' own weights)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
     parser.add_argument("--only", choices=tuple(METHODS), default=None,
                         help="measure one method in this process (used by the main run for each subprocess)")
@@ -392,6 +400,11 @@ def parse_args(argv):
         parser.error(f"--only {args.only}: opacus not installed (it is a benchmark-only dependency)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
+    try:  # --dp-blocks and --dp-lora as training checks them, on the preset's architecture
+        random_task(make_config(args.preset, {"dp_blocks": args.dp_blocks, "dp_lora": args.dp_lora}), 1,
+                    torch.device("cpu"))
+    except UserError as e:
+        parser.error(str(e))
     return args
 
 
@@ -406,13 +419,14 @@ def main(argv=None):
                 json.dump(result, f)
         return
     with_opacus = importlib.util.find_spec("opacus") is not None
-    s = build_setup(args.preset, args.batch, args.physical_batch, torch.device("cpu"))
+    s = build_setup(args, torch.device("cpu"))
     n_train, share = selection_size(s.task.unet, s.task.params)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     version = f"opacus {importlib.import_module('opacus').__version__}" if with_opacus else "opacus not installed"
     print(f"dp.bench: preset {args.preset}, UNet {sum(p.numel() for p in s.task.unet.parameters()):,} parameters, "
           f"trainable {n_train:,} ({100 * share:.1f}%) in blocks '{s.cfg.dp.dp_blocks}'"
+          f"{f' as rank-{args.dp_lora} LoRA' if args.dp_lora else ''}"
           f"{' + class embedding' if s.cfg.dp.dp_class_embed else ''}; "
           f"batch {args.batch}, physical batch {args.physical_batch}, C={s.cfg.dp.clip:g}, sigma={SIGMA:g}; "
           f"{where}; torch {torch.__version__}; {version}")

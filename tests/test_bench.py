@@ -159,6 +159,31 @@ def test_dp_bench_smallest_cpu_run(tmp_path):
     assert "cross-attention to the single class-context token" in zero_line
 
 
+@pytest.mark.parametrize("flags, needle", [(["--dp-lora", "-1"], "--dp-lora"), (["--dp-blocks", "nowhere"],
+                                                                                 "--dp-blocks 'nowhere'")])
+def test_dp_bench_refuses_a_bad_selection(flags, needle, capsys):
+    from dp import bench
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--preset", "smoke", *flags])
+    assert stop.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_dp_bench_times_a_lora_selection(tmp_path):
+    """--dp-lora: the bench trains the adapters' factors (and the class embedding), as training would."""
+    path = tmp_path / "lora.json"
+    run_module("dp.bench", "--preset", "smoke", "--batch", "2", "--physical-batch", "2", "--repeats", "1",
+               "--warmup", "0", "--threads", "1", "--dp-lora", "2", "--json", str(path))
+    report = json.loads(path.read_text())
+    from dp.select import select_trainable
+    from ldm.build import build_unet
+    from ldm.config import make_config
+    cfg = make_config("smoke", {"dp_lora": 2})
+    params = select_trainable(build_unet(cfg), cfg)
+    assert params and all(".down." in n or ".up." in n or n.startswith("class_embed.") for n in params)
+    assert report["args"]["dp_lora"] == 2 and report["trainable"] == sum(p.numel() for p in params.values())
+    assert 0 <= report["sanity"]["bk_vs_vmap"] < 1e-5
+
+
 @pytest.mark.parametrize("sizes", ["1x1", "1x0", "0x16", "64xlots"])
 def test_kernels_bench_refuses_sizes_it_cannot_run(sizes):
     from kernels import bench
