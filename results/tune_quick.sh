@@ -18,8 +18,12 @@ declare -A FLAGS=(
   [eps10_e5]="--epsilon 10 --epochs 5"
   [eps10_e5_lr1e-3]="--epsilon 10 --epochs 5 --lr 1e-3"
   [eps10_e5_b1024_lr1e-3]="--epsilon 10 --epochs 5 --expected-batch 1024 --lr 1e-3"
+  [eps10_e5_lora8_lr2e-3]="--epsilon 10 --epochs 5 --dp-lora 8 --lr 2e-3"
+  # epsilon 1 with the settings chosen at epsilon 10 (not tuned on their own)
+  [eps1_e5]="--epsilon 1 --epochs 5"
+  [eps1_e5_lr1e-3]="--epsilon 1 --epochs 5 --lr 1e-3"
 )
-ORDER=(eps10_e1 eps10_e5 eps10_e5_lr1e-3 eps10_e5_b1024_lr1e-3)
+ORDER=(eps10_e1 eps10_e5 eps10_e5_lr1e-3 eps10_e5_b1024_lr1e-3 eps10_e5_lora8_lr2e-3 eps1_e5 eps1_e5_lr1e-3)
 [ $# -gt 0 ] && ORDER=("$@")
 mkdir -p $R
 for name in "${ORDER[@]}"; do

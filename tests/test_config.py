@@ -207,3 +207,14 @@ def test_config_json_written_by_train_runs_again(tmp_path, capsys):
                                         "cache_dir": str(tmp_path / "cache")})
     assert train.main(["--config", path, "--stage", "autoencoder", "--out", out, "--resume"]) == 0  # finished
     capsys.readouterr()
+
+
+def test_laptop_is_quick_with_more_dp_epochs_and_reuses_quicks_public_stages():
+    from ldm.run_folder import STAGE_COMPONENTS, check_compatible
+    quick, laptop = config_to_dict(make_config("quick")), config_to_dict(make_config("laptop"))
+    differ = {(c, k) for c in COMPONENTS for k in quick[c] if quick[c][k] != laptop[c][k]}
+    assert differ == {("dp", "epochs"), ("dp", "tune_holdout")}
+    assert laptop["dp"]["epochs"] > quick["dp"]["epochs"] and laptop["dp"]["tune_holdout"] == 5000
+    for stage in ("autoencoder", "pretrain"):  # quick's public checkpoints load in a laptop run
+        assert "dp" not in STAGE_COMPONENTS[stage]
+        check_compatible(make_config("quick"), make_config("laptop"), stage, "runs/quick/pretrain.pt")
