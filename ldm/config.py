@@ -153,12 +153,13 @@ class Config:
 
 COMPONENTS = ("data", "ae", "unet", "diffusion", "pretrain", "dp", "run")
 
-# The quick preset, also the base of laptop (below).
+# The quick preset, also the base of laptop (below). Its sampler, DPM-Solver++(2M) with 8 steps, gave a better
+# downstream classifier on the tuning split than DDIM with 50 steps, at a sixth of the time (results/tune_sampler.sh).
 QUICK = dict(
     public="synthdigits", private="mnist", synth_n=60000,
     ae_channels=16, ae_mult=(1, 2, 2), ae_steps=2500, ae_batch=32, ae_lr=5e-4,
     unet_channels=64, unet_mult=(1, 2), unet_heads=4, unet_context_dim=64,
-    sample_steps=50, pretrain_steps=3000, pretrain_batch=64, pretrain_lr=5e-4, pretrain_warmup=200,
+    sample_steps=8, sampler="dpm++2m", pretrain_steps=3000, pretrain_batch=64, pretrain_lr=5e-4, pretrain_warmup=200,
     pretrain_ema=0.995, epsilon=10.0, delta=1e-5, clip=1e-2, expected_batch=256, epochs=1.0,
     physical_batch=128, lr=5e-4, warmup=10, dp_ema=0.95, log_every=25, ckpt_every=50,
 )

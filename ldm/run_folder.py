@@ -21,7 +21,8 @@ STAGE_COMPONENTS = {
     "finetune": ("data", "ae", "unet", "diffusion", "pretrain", "dp"),
     "finetune-nonprivate": ("data", "ae", "unet", "diffusion", "pretrain", "dp"),
 }
-IGNORED_FIELDS = {"private", "data_root", "clip_backend", "grad_method", "sampler"}
+# not compared: where data lives, how the same result is computed, and how grids are sampled (never training)
+IGNORED_FIELDS = {"private", "data_root", "clip_backend", "grad_method", "sampler", "sample_steps", "eta"}
 
 
 def prepare_out(out):

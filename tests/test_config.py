@@ -218,3 +218,13 @@ def test_laptop_is_quick_with_more_dp_epochs_and_reuses_quicks_public_stages():
     for stage in ("autoencoder", "pretrain"):  # quick's public checkpoints load in a laptop run
         assert "dp" not in STAGE_COMPONENTS[stage]
         check_compatible(make_config("quick"), make_config("laptop"), stage, "runs/quick/pretrain.pt")
+
+
+def test_sampling_settings_never_make_a_checkpoint_incompatible():
+    """The grids' sampler, steps and eta never touch training: a run may sample differently from its checkpoints."""
+    from ldm.run_folder import check_compatible
+    sampling = make_config("quick", {"sampler": "ddim", "sample_steps": 50, "eta": 0.5})
+    for stage in ("pretrain", "finetune"):
+        check_compatible(make_config("quick"), sampling, stage, "pretrain.pt")
+    with pytest.raises(UserError, match="--timesteps 1000 \\(stored\\) vs 500"):
+        check_compatible(make_config("quick"), make_config("quick", {"timesteps": 500}), "pretrain", "pretrain.pt")
