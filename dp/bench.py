@@ -400,11 +400,12 @@ def parse_args(argv):
         parser.error(f"--only {args.only}: opacus not installed (it is a benchmark-only dependency)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
-    try:  # --dp-blocks and --dp-lora as training checks them, on the preset's architecture
-        random_task(make_config(args.preset, {"dp_blocks": args.dp_blocks, "dp_lora": args.dp_lora}), 1,
-                    torch.device("cpu"))
-    except UserError as e:
-        parser.error(str(e))
+    if args.only is None:  # --dp-blocks and --dp-lora as training checks them; the subprocesses get checked values
+        try:
+            random_task(make_config(args.preset, {"dp_blocks": args.dp_blocks, "dp_lora": args.dp_lora}), 1,
+                        torch.device("cpu"))
+        except UserError as e:
+            parser.error(str(e))
     return args
 
 

@@ -138,8 +138,9 @@ def load_tuning_split(name, data_cfg, k):
 def split_holdout(data, k):
     """(data less its last k images, those last k images). A fixed, public rule: no example is read to choose."""
     if not 0 <= k < len(data):
-        raise UserError(f"--tune-holdout {k} must lie in [0, {len(data) - 1}]: {data.name!r} has {len(data)} "
-                        f"training images and the private set needs at least one")
+        # never the set's size: N is shown nowhere unless public (--private-size)
+        raise UserError(f"--tune-holdout {k} must be >= 0 and smaller than the training split of {data.name!r}, "
+                        f"so that the private set keeps at least one image")
     cut = len(data) - k
     return (ImageSet(data.name, data.x[:cut], data.y[:cut], data.num_classes),
             ImageSet(data.name, data.x[cut:], data.y[cut:], data.num_classes))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionE
 
 import evaluate
-from conftest import ROOT, SHARED_DATA
+from conftest import MNIST_TEST_IMAGES, ROOT, SHARED_DATA
 from ldm.config import DataConfig
 from ldm.data import load_dataset, make_fake
 from ldm.errors import UserError
@@ -28,16 +28,7 @@ from metrics.frechet import feature_stats, frechet_distance
 from metrics.inception import FIDInceptionA, FIDInceptionE, FIDInceptionV3, fid_input, load_fid_inception
 from test_synthetic_input import ALL_FORMS, digits, fake_test, write_form, write_npz  # noqa: F401 (fixtures)
 
-MNIST = os.path.join(SHARED_DATA, "MNIST", "raw", "t10k-images-idx3-ubyte")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread per test: faster than two on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_gaussian(rng, d, rank=None):
@@ -409,7 +400,7 @@ def test_frechet_distance_agrees_with_pytorch_fid():
                                                                rel=1e-8)
 
 
-@pytest.mark.skipif(not os.path.exists(MNIST), reason="real MNIST not available under ../shared/data")
+@pytest.mark.skipif(not os.path.exists(MNIST_TEST_IMAGES), reason="real MNIST not available under ../shared/data")
 def test_command_on_mnist_prints_one_json_object(tmp_path):
     cfg = DataConfig(public="mnist", private="mnist", data_root=SHARED_DATA)
     train = load_dataset("mnist", cfg, "private", split="train")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from conftest import SHARED_DATA
+from conftest import MNIST_TEST_IMAGES, SHARED_DATA
 from ldm import data as ldm_data
 from ldm.config import DataConfig
 from ldm.data import load_dataset, make_fake
@@ -19,16 +19,7 @@ from ldm.errors import UserError
 from metrics import synthetic
 
 
-MNIST = os.path.join(SHARED_DATA, "MNIST", "raw", "t10k-images-idx3-ubyte")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread per test: faster than two on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- the synthetic set: the forms other tools write ---------------------------------------------------------
 
@@ -200,11 +191,11 @@ def test_default_eval_size_is_the_real_sets_native_side():
     assert evaluate.parse_args(["--synthetic", "s.npz", "--eval-size", "32"]).eval_size == 32
 
 
-@pytest.mark.skipif(not os.path.exists(MNIST), reason="real MNIST not available under ../shared/data")
+@pytest.mark.skipif(not os.path.exists(MNIST_TEST_IMAGES), reason="real MNIST not available under ../shared/data")
 def test_mnist_at_the_eval_size_is_the_original_digits():
     cfg = evaluate.real_data_config(evaluate.parse_args(["--synthetic", "s.npz", "--data-root", SHARED_DATA]))
     test = load_dataset("mnist", cfg, "private", split="test")
-    with open(MNIST, "rb") as f:
+    with open(MNIST_TEST_IMAGES, "rb") as f:
         raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(10000, 1, 28, 28)  # IDX: 16-byte header
     assert cfg.image_size == 28 and torch.equal(test.x, torch.from_numpy(raw.copy()))  # no padding, no resize
 
