@@ -6,8 +6,10 @@
 # DP epochs instead of one (T = 1172 steps, sigma 0.463). Run from the repository root:
 #   bash results/mnist_quick.sh ../shared/data          # FULL=0 skips the protocol-size row
 # Rows use N_SYNTH images (default 5,000) and 20 DDIM steps on a 2-core CPU; see README. Finished steps are skipped.
-# The final rows (protocol_eps10_CHOSEN, protocol_eps1_CHOSEN: CHOSEN=e5 by default, the configuration chosen on the tuning split of
-# results/tune_quick.sh) are at the protocol's sizes, 60,000 images by DPM-Solver++(2M), evaluated at 28x28.
+# The final rows are at the protocol's sizes, 60,000 images by DPM-Solver++(2M), evaluated at 28x28:
+# protocol_eps10_CHOSEN and protocol_eps1_CHOSEN (CHOSEN=e5 by default, the configuration chosen on the tuning split
+# of results/tune_quick.sh), protocol_public (the public model) and protocol_nonprivate_CHOSEN (non-private
+# fine-tuning with the eps-10 row's settings; NOT DP).
 set -euo pipefail
 DATA=${1:-../shared/data}
 N_SYNTH=${N_SYNTH:-5000}
@@ -67,9 +69,19 @@ protocol_row() {  # name checkpoint
   timed "$name.eval" $PY evaluate.py --synthetic runs/$name.npz --real mnist --data-root "$DATA" --out $R/$name.eval.json
 }
 for run in eps10_$CHOSEN eps1_$CHOSEN; do protocol_row protocol_$run runs/tune/$run/finetune.pt; done
+# The two reference rows at the same sizes: the public model with no fine-tuning, and non-private fine-tuning of the
+# same parameters with the eps-10 row's settings (five epochs, the same held-out split; NOT DP).
+protocol_row protocol_public $OUT/pretrain.pt
+NONPRIVATE=runs/tune/nonprivate_$CHOSEN
+if [ ! -f $NONPRIVATE/finetune-nonprivate.pt ]; then
+  from_public $NONPRIVATE
+  timed "protocol_nonprivate_$CHOSEN.finetune" $PY train.py --preset quick --stage finetune-nonprivate --data-root "$DATA" \
+      --out $NONPRIVATE --tune-holdout 5000 $(cat results/tune_quick/eps10_$CHOSEN.flags)
+fi
+protocol_row protocol_nonprivate_$CHOSEN $NONPRIVATE/finetune-nonprivate.pt
 
 # collect every row into results/mnist_quick.json
-EPS10=eps10_$CHOSEN EPS1=eps1_$CHOSEN $PY - "$OUT" <<'PYEOF'
+CHOSEN=$CHOSEN $PY - "$OUT" <<'PYEOF'
 import json, os, sys
 out, rows = sys.argv[1], []
 ft = "python train.py --preset quick --stage finetune --data-root DATA --noise-seed 0"
@@ -103,23 +115,34 @@ for label, name, run, ckpt, command in spec:
                      fd_digit_classifier=(e.get("fd_digit_classifier") or {}).get("value"),
                      n_synthetic=e["n_synthetic"], n_train=e["n_train"], n_val=e["n_val"],
                      grid=f"results/mnist_quick/{name.split('_')[0]}.png"))
-final = []
-for run in (os.environ["EPS10"], os.environ["EPS1"]):
+read = lambda path: int(open(path).read()) if os.path.exists(path) else None
+chosen, final = os.environ["CHOSEN"], []
+ft = "python train.py --preset quick --data-root DATA --tune-holdout 5000"
+specs = [(run, f"runs/tune/{run}/finetune.pt", f"results/tune_quick/{run}.seconds",
+          f"{ft} --stage finetune --out runs/tune/{run} --noise-seed 0 " + open(f"results/tune_quick/{run}.flags").read().strip())
+         for run in (f"eps10_{chosen}", f"eps1_{chosen}")]
+specs += [("public", f"{out}/pretrain.pt", None,
+           "python train.py --preset quick --stage pretrain --data-root DATA --out runs/quick"),
+          (f"nonprivate_{chosen}",
+           f"runs/tune/nonprivate_{chosen}/finetune-nonprivate.pt",
+           f"results/mnist_quick/protocol_nonprivate_{chosen}.finetune.seconds",
+           f"{ft} --stage finetune-nonprivate --out runs/tune/nonprivate_{chosen} "
+           + open(f"results/tune_quick/eps10_{chosen}.flags").read().strip())]
+for run, ckpt, seconds, command in specs:
     name = f"protocol_{run}"
     ev = f"results/mnist_quick/{name}.eval.json"
     if not os.path.exists(ev):
         continue
-    e, report = json.load(open(ev)), json.load(open(f"results/tune_quick/{run}.privacy_report.json"))
-    flags = open(f"results/tune_quick/{run}.flags").read().strip()
-    read = lambda path: int(open(path).read()) if os.path.exists(path) else None
-    final.append(dict(row=name, tuning_configuration=run,
-                      command=f"python train.py --preset quick --stage finetune --data-root DATA --out runs/tune/{run} "
-                              f"--noise-seed 0 --tune-holdout 5000 {flags}", checkpoint=f"runs/tune/{run}/finetune.pt",
-                      finetune_seconds=read(f"results/tune_quick/{run}.seconds"),
+    e = json.load(open(ev))
+    report_path = f"results/tune_quick/{run}.privacy_report.json"
+    report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+    final.append(dict(row=name, tuning_configuration=run, command=command, checkpoint=ckpt,
+                      differentially_private=bool(report),
+                      finetune_seconds=read(seconds) if seconds else None,
                       sample_seconds=read(f"results/mnist_quick/{name}.sample.seconds"),
                       eval_seconds=read(f"results/mnist_quick/{name}.eval.seconds"),
-                      epsilon=report["epsilon"], delta=report["delta"], sigma=report["sigma"], steps=report["steps"],
-                      n_private=report["n_private"], sampler="dpm++2m, 8 steps", eval_size=e["eval_size"],
+                      **{k: report.get(k) for k in ("epsilon", "delta", "sigma", "steps", "n_private")},
+                      sampler="dpm++2m, 8 steps", eval_size=e["eval_size"],
                       accuracy={k: v["test_accuracy"] for k, v in e["accuracy"].items()},
                       fd_digit_classifier=(e.get("fd_digit_classifier") or {}).get("value"),
                       n_synthetic=e["n_synthetic"], n_train=e["n_train"], n_val=e["n_val"],
