@@ -21,22 +21,21 @@ mkdir -p $R
 timed() { local name=$1; shift; local t0=$(date +%s); "$@"; echo $(( $(date +%s) - t0 )) > "$R/$name.seconds"; }
 from_public() { mkdir -p "$1"; for f in autoencoder.pt pretrain.pt; do [ -f "$1/$f" ] || cp $OUT/$f "$1/"; done; }
 
-# public stages (autoencoder + pretraining on synthdigits), then one fine-tuning run per row
+# public stages (autoencoder + pretraining on synthdigits), then one fine-tuning run per row; a row whose evaluation
+# is in $R is finished, and its run is not repeated (its run folder may be gone)
+scored() { [ -f "$R/$1.eval.json" ]; }
+finetune_row() {  # name out stage flags...
+  local name=$1 out=$2 stage=$3; shift 3
+  scored "$name" && return
+  [ -f "$out/$stage.pt" ] && return
+  from_public "$out"
+  timed "$name" $PY train.py --preset quick --stage "$stage" --data-root "$DATA" --out "$out" "$@"
+}
 [ -f $OUT/pretrain.pt ] || timed public $PY train.py --preset quick --stage pretrain --data-root "$DATA" --out $OUT
-[ -f $OUT/finetune.pt ] || timed eps10 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out $OUT --epsilon 10 --noise-seed 0
-if [ ! -f runs/quick_eps1/finetune.pt ]; then
-  from_public runs/quick_eps1
-  timed eps1 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out runs/quick_eps1 --epsilon 1 --noise-seed 0
-fi
-if [ ! -f runs/quick_nonprivate/finetune-nonprivate.pt ]; then
-  from_public runs/quick_nonprivate
-  timed nonprivate $PY train.py --preset quick --stage finetune-nonprivate --data-root "$DATA" --out runs/quick_nonprivate
-fi
-
-if [ ! -f runs/quick_eps10_e5/finetune.pt ]; then
-  from_public runs/quick_eps10_e5
-  timed eps10e5 $PY train.py --preset quick --stage finetune --data-root "$DATA" --out runs/quick_eps10_e5 --epsilon 10 --epochs 5 --noise-seed 0
-fi
+scored eps10 && scored eps10_full || finetune_row eps10 $OUT finetune --epsilon 10 --noise-seed 0
+finetune_row eps1 runs/quick_eps1 finetune --epsilon 1 --noise-seed 0
+finetune_row nonprivate runs/quick_nonprivate finetune-nonprivate
+finetune_row eps10e5 runs/quick_eps10_e5 finetune --epsilon 10 --epochs 5 --noise-seed 0
 
 evaluate() {  # name checkpoint n_images
   local name=$1 ckpt=$2 n=$3
@@ -73,11 +72,8 @@ for run in eps10_$CHOSEN eps1_$CHOSEN; do protocol_row protocol_$run runs/tune/$
 # same parameters with the eps-10 row's settings (five epochs, the same held-out split; NOT DP).
 protocol_row protocol_public $OUT/pretrain.pt
 NONPRIVATE=runs/tune/nonprivate_$CHOSEN
-if [ ! -f $NONPRIVATE/finetune-nonprivate.pt ]; then
-  from_public $NONPRIVATE
-  timed "protocol_nonprivate_$CHOSEN.finetune" $PY train.py --preset quick --stage finetune-nonprivate --data-root "$DATA" \
-      --out $NONPRIVATE --tune-holdout 5000 $(cat results/tune_quick/eps10_$CHOSEN.flags)
-fi
+finetune_row protocol_nonprivate_$CHOSEN $NONPRIVATE finetune-nonprivate --tune-holdout 5000 \
+    $(cat results/tune_quick/eps10_$CHOSEN.flags)
 protocol_row protocol_nonprivate_$CHOSEN $NONPRIVATE/finetune-nonprivate.pt
 
 # collect every row into results/mnist_quick.json
@@ -125,7 +121,7 @@ specs += [("public", f"{out}/pretrain.pt", None,
            "python train.py --preset quick --stage pretrain --data-root DATA --out runs/quick"),
           (f"nonprivate_{chosen}",
            f"runs/tune/nonprivate_{chosen}/finetune-nonprivate.pt",
-           f"results/mnist_quick/protocol_nonprivate_{chosen}.finetune.seconds",
+           f"results/mnist_quick/protocol_nonprivate_{chosen}.seconds",
            f"{ft} --stage finetune-nonprivate --out runs/tune/nonprivate_{chosen} "
            + open(f"results/tune_quick/eps10_{chosen}.flags").read().strip())]
 for run, ckpt, seconds, command in specs:
