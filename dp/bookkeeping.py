@@ -12,13 +12,16 @@ model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
      LayerNorm are per example; there is no BatchNorm: `check_supported` refuses modules it does not know);
   3. `tensor_sq_norms`: each example's squared gradient norm, tensor by tensor. For a Linear layer the
      per-sample weight gradient is d_i^T a_i, whose squared norm is sum((a_i a_i^T) * (d_i d_i^T)) ("ghost
-     norm", cheap for few tokens) or, when that is dearer, the norm of d_i^T a_i built for a few examples at
-     a time; norms, biases, the class embedding: their small per-sample gradients are formed directly;
+     norm", cheap for few tokens). When that is dearer (many tokens T, narrow layers: T (i + o) > i o), d_i^T a_i
+     is built, which costs what the layer's weight gradient costs, and kept for step 5 (up to KEEP_FLOATS
+     numbers per micro-batch; beyond that its norm is taken a few examples at a time and it is dropped). Norms,
+     biases, the class embedding: their small per-sample gradients are formed directly;
   4. `tensor_factors`: ONE clip factor per example over all tensors jointly, c_i = min(1, C / (||g_i|| + EPS)),
      ||g_i||^2 the sum of every tensor's term (`joint_norms`), with EPS and the formula of kernels/clip_noise.py;
      an example whose norm is not finite gets c_i = 0 and its activations and output gradients are zeroed,
      so that it contributes exactly zero (never 0 x inf = NaN);
-  5. `_layer_sums`: the clipped sum layer by layer, e.g. (c * d)^T a for a Linear weight: one matrix product.
+  5. `_layer_sums`: the clipped sum layer by layer: sum_i c_i g_i over a kept per-sample gradient, else
+     (c * d)^T a for a Linear weight: one matrix product.
 
 Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
 called at most once per forward (a module not called has a zero gradient). Anything else raises
@@ -34,6 +37,7 @@ from kernels.clip_noise import clip_factors
 
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 MATERIALISE_FLOATS = 1 << 18  # per-sample weight gradients built at once: 1 MiB, stays in cache for the norm
+KEEP_FLOATS = 1 << 26  # per-sample weight gradients kept for the clipped sum, all layers of a micro-batch: 256 MiB
 
 
 class Unsupported(ValueError):
@@ -69,11 +73,21 @@ def _tokens(x):
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _sq_norms(g):
+    """(b, ...) -> (b,) squared norm of each example's slice: one fused reduction, no squared copy of g."""
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+
+
+def _ghost(a, d):
+    """True when the ghost norm, two (T, T) Gram matrices per example, is cheaper than building d_i^T a_i (o, i)."""
+    return a.shape[1] * (a.shape[2] + d.shape[2]) <= a.shape[2] * d.shape[2]
+
+
 def _linear_weight_sq_norms(a, d):
     """Squared Frobenius norms of d_i^T a_i, a: (b, T, i), d: (b, T, o) -> (b,)."""
     b, T, i = a.shape
     o = d.shape[-1]
-    if T * (i + o) <= i * o:  # ghost norm: two (T, T) Gram matrices per example
+    if _ghost(a, d):
         return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
     chunk = max(1, MATERIALISE_FLOATS // (i * o))
     return torch.cat([torch.linalg.vector_norm(d[s:s + chunk].transpose(1, 2) @ a[s:s + chunk], dim=(1, 2)).square()
@@ -145,17 +159,22 @@ def _capture(unet, diffusion, params, z0, y, t, noise):
 def tensor_sq_norms(layers):
     """Step 3: ({full name: (b,) squared norm of each example's gradient of that tensor}, [per-layer direct
     per-sample gradients {local name: (b, ...)}]), one entry per selected tensor on the forward path."""
-    sq, direct = {}, []
+    sq, direct, kept = {}, [], 0
     for layer in layers:
         m, a, d = layer.module, layer.calls[0][0], layer.d
         ps = layer.per_sample(d)
         direct.append(ps)
-        for local, g in ps.items():
-            sq[layer.chosen[local]] = g.flatten(1).square().sum(1)
         if isinstance(m, nn.Linear) and "weight" in layer.chosen:
-            sq[layer.chosen["weight"]] = _linear_weight_sq_norms(_tokens(a.float()), _tokens(d))
+            a2, d2 = _tokens(a.float()), _tokens(d)
+            if not _ghost(a2, d2) and kept + len(a2) * m.weight.numel() <= KEEP_FLOATS:
+                ps["weight"] = d2.transpose(1, 2) @ a2  # (b, o, i), kept: the clipped sum is then a weighted sum
+                kept += ps["weight"].numel()
+            else:
+                sq[layer.chosen["weight"]] = _linear_weight_sq_norms(a2, d2)
+        for local, g in ps.items():
+            sq[layer.chosen[local]] = _sq_norms(g)
         if isinstance(m, nn.Embedding):
-            sq[layer.chosen["weight"]] = d.flatten(1).square().sum(1)  # example i's gradient: d_i in row y_i
+            sq[layer.chosen["weight"]] = _sq_norms(d)  # example i's gradient: d_i in row y_i
     return sq, direct
 
 

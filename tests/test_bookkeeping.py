@@ -55,6 +55,29 @@ def test_clipped_sum_and_norms_equal_the_vmap_path(preset, spec, embed):
     assert_same_sum(got, ref)
 
 
+@pytest.mark.parametrize("keep", ["all", "some", "none"])
+def test_kept_per_sample_weight_gradients_give_the_same_sum(monkeypatch, keep):
+    """Linear layers with many tokens keep their per-sample weight gradients for the clipped sum, up to
+    KEEP_FLOATS numbers per micro-batch; past it, norms in chunks and one matrix product. Same sum either way."""
+    unet, d = random_unet(), Diffusion()
+    params = select_parameters(unet, "all")
+    z0, y, t, noise = batch("smoke", 5)
+    layers, _ = bk._capture(unet, d, params, z0, y, t, noise)
+    linear = [isinstance(layer.module, nn.Linear) for layer in layers]
+    wide = sum(is_linear and not bk._ghost(bk._tokens(layer.calls[0][0]), bk._tokens(layer.d))
+               for is_linear, layer in zip(linear, layers))
+    budget = {"all": bk.KEEP_FLOATS, "some": 5 * 16 * 16 * 3, "none": 0}[keep]  # "some": three 16x16 weights
+    monkeypatch.setattr(bk, "KEEP_FLOATS", budget)
+    kept = sum(is_linear and "weight" in ps for is_linear, ps in zip(linear, bk.tensor_sq_norms(layers)[1]))
+    assert wide >= 4 and kept == {"all": wide, "some": 3, "none": 0}[keep]
+    per = per_sample_grads(unet, d, params, z0, y, t, noise)
+    _, norms_ref = clip_and_noise_reference([per[n] for n in params], 1.0, 0.0, 1.0, 0, return_norms=True)
+    clip = norms_ref.median().item()
+    got, norms = bk.clipped_sum(unet, d, params, z0, y, t, noise, clip)
+    torch.testing.assert_close(norms, norms_ref, rtol=1e-4, atol=0)
+    assert_same_sum(got, clip_and_noise_reference([per[n] for n in params], clip, 0.0, 1.0, 0))
+
+
 @pytest.mark.parametrize("tokens,d_in,d_out,limit", [(2, 8, 8, 1 << 22), (16, 4, 4, 1 << 22), (16, 4, 4, 40)])
 def test_linear_weight_norms_ghost_and_materialised_branches(monkeypatch, tokens, d_in, d_out, limit):
     monkeypatch.setattr(bk, "MATERIALISE_FLOATS", limit)  # 40: two examples per chunk
