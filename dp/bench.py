@@ -7,8 +7,9 @@ Five ways to take one optimiser step on the parameters `select_trainable(unet, c
 preset's UNet, for one batch of B random latents, labels, timesteps and noise draws:
   (a) non-private: forward and backward of the mean diffusion loss, one optimiser step;
   (b) ours, the default: training's own `dp.step.dp_step` with q = 1 and --grad-method bookkeeping (per physical
-      micro-batch, one forward and backward, per-sample norms without storing per-sample gradients, the clipped
-      sum as one matrix product per layer; dp/bookkeeping.py), add N(0, (sigma C)^2), divide by B, update;
+      micro-batch, one forward and backward, per-sample norms layer by layer with no (b, P) per-sample gradient,
+      the clipped sum as one matrix product or weighted sum per layer; dp/bookkeeping.py), add N(0, (sigma C)^2),
+      divide by B, update;
   (v) ours with --grad-method vmap: torch.func per-sample gradients materialised per micro-batch, clipped to C
       jointly and summed by kernels/clip_noise.py, then the same noise, divisor and update;
   (c) opacus: the same UNet in `opacus.GradSampleModule` (hooks materialise per-sample gradients) and

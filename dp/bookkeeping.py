@@ -1,4 +1,4 @@
-"""Clipped per-sample gradient sums without storing per-sample gradients ("book-keeping" clipping).
+"""Clipped per-sample gradient sums without a (b, P) per-sample gradient ("book-keeping" clipping).
 
 The vmap path (dp/per_sample.py) materialises a (b, P) per-sample gradient for every micro-batch and
 then clips and sums it; on a CPU writing and reading those b x P numbers is most of a DP step. This
