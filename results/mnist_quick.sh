@@ -73,12 +73,12 @@ for run in eps10_$CHOSEN eps1_$CHOSEN; do protocol_row protocol_$run runs/tune/$
 protocol_row protocol_public $OUT/pretrain.pt
 NONPRIVATE=runs/tune/nonprivate_$CHOSEN
 finetune_row protocol_nonprivate_$CHOSEN $NONPRIVATE finetune-nonprivate --tune-holdout 5000 \
-    $(cat results/tune_quick/eps10_$CHOSEN.flags)
+    $(sed 's/--epsilon [^ ]*//' results/tune_quick/eps10_$CHOSEN.flags)  # no epsilon: nothing is spent
 protocol_row protocol_nonprivate_$CHOSEN $NONPRIVATE/finetune-nonprivate.pt
 
 # collect every row into results/mnist_quick.json
 CHOSEN=$CHOSEN $PY - "$OUT" <<'PYEOF'
-import json, os, sys
+import json, os, re, sys
 out, rows = sys.argv[1], []
 ft = "python train.py --preset quick --stage finetune --data-root DATA --noise-seed 0"
 spec = [("public-only (no fine-tuning)", "public", None, "pretrain.pt",
@@ -123,7 +123,7 @@ specs += [("public", f"{out}/pretrain.pt", None,
            f"runs/tune/nonprivate_{chosen}/finetune-nonprivate.pt",
            f"results/mnist_quick/protocol_nonprivate_{chosen}.seconds",
            f"{ft} --stage finetune-nonprivate --out runs/tune/nonprivate_{chosen} "
-           + open(f"results/tune_quick/eps10_{chosen}.flags").read().strip())]
+           + re.sub(r"--epsilon \S+ ?", "", open(f"results/tune_quick/eps10_{chosen}.flags").read()).strip())]
 for run, ckpt, seconds, command in specs:
     name = f"protocol_{run}"
     ev = f"results/mnist_quick/{name}.eval.json"
