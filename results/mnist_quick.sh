@@ -76,13 +76,15 @@ for run in $AFTER; do protocol_row protocol_$run runs/tune/$run/finetune.pt; don
 # same parameters with the eps-10 row's settings (five epochs, the same held-out split; NOT DP).
 protocol_row protocol_public $OUT/pretrain.pt
 NONPRIVATE=runs/tune/nonprivate_$CHOSEN
+# the eps-10 row's flags without --epsilon (nothing is spent), kept for the collection below
+sed 's/--epsilon [^ ]* *//' results/tune_quick/eps10_$CHOSEN.flags > $R/protocol_nonprivate_$CHOSEN.flags
 finetune_row protocol_nonprivate_$CHOSEN $NONPRIVATE finetune-nonprivate --tune-holdout 5000 \
-    $(sed 's/--epsilon [^ ]*//' results/tune_quick/eps10_$CHOSEN.flags)  # no epsilon: nothing is spent
+    $(cat $R/protocol_nonprivate_$CHOSEN.flags)
 protocol_row protocol_nonprivate_$CHOSEN $NONPRIVATE/finetune-nonprivate.pt
 
 # collect every row into results/mnist_quick.json
 CHOSEN=$CHOSEN AFTER=$AFTER $PY - "$OUT" <<'PYEOF'
-import json, os, re, sys
+import json, os, sys
 out, rows = sys.argv[1], []
 ft = "python train.py --preset quick --stage finetune --data-root DATA --noise-seed 0"
 spec = [("public-only (no fine-tuning)", "public", None, "pretrain.pt",
@@ -117,17 +119,18 @@ for label, name, run, ckpt, command in spec:
                      grid=f"results/mnist_quick/{name.split('_')[0]}.png"))
 read = lambda path: int(open(path).read()) if os.path.exists(path) else None
 chosen, final = os.environ["CHOSEN"], []
-ft = "python train.py --preset quick --data-root DATA --tune-holdout 5000"
+held_out = "python train.py --preset quick --data-root DATA --tune-holdout 5000"
+flags = lambda path: open(path).read().strip()
 specs = [(run, f"runs/tune/{run}/finetune.pt", f"results/tune_quick/{run}.seconds",
-          f"{ft} --stage finetune --out runs/tune/{run} --noise-seed 0 " + open(f"results/tune_quick/{run}.flags").read().strip())
+          f"{held_out} --stage finetune --out runs/tune/{run} --noise-seed 0 {flags(f'results/tune_quick/{run}.flags')}")
          for run in (f"eps10_{chosen}", f"eps1_{chosen}", *os.environ["AFTER"].split())]
 specs += [("public", f"{out}/pretrain.pt", None,
            "python train.py --preset quick --stage pretrain --data-root DATA --out runs/quick"),
           (f"nonprivate_{chosen}",
            f"runs/tune/nonprivate_{chosen}/finetune-nonprivate.pt",
            f"results/mnist_quick/protocol_nonprivate_{chosen}.seconds",
-           f"{ft} --stage finetune-nonprivate --out runs/tune/nonprivate_{chosen} "
-           + re.sub(r"--epsilon \S+ ?", "", open(f"results/tune_quick/eps10_{chosen}.flags").read()).strip())]
+           f"{held_out} --stage finetune-nonprivate --out runs/tune/nonprivate_{chosen} "
+           + flags(f"results/mnist_quick/protocol_nonprivate_{chosen}.flags"))]
 for run, ckpt, seconds, command in specs:
     name = f"protocol_{run}"
     ev = f"results/mnist_quick/{name}.eval.json"
