@@ -19,11 +19,17 @@ declare -A FLAGS=(
   [eps10_e5_lr1e-3]="--epsilon 10 --epochs 5 --lr 1e-3"
   [eps10_e5_b1024_lr1e-3]="--epsilon 10 --epochs 5 --expected-batch 1024 --lr 1e-3"
   [eps10_e5_lora8_lr2e-3]="--epsilon 10 --epochs 5 --dp-lora 8 --lr 2e-3"
+  # the clipping bound C (quick: 1e-2; the original work: 1e-3) and the trainable set, at the best lr above
+  [eps10_e5_lr1e-3_C1e-3]="--epsilon 10 --epochs 5 --lr 1e-3 --clip 1e-3"
+  [eps10_e5_lr1e-3_C1e-1]="--epsilon 10 --epochs 5 --lr 1e-3 --clip 1e-1"
+  [eps10_e5_lr1e-3_levels2]="--epsilon 10 --epochs 5 --lr 1e-3 --dp-blocks levels=2"
+  [eps10_e5_lr1e-3_decoder]="--epsilon 10 --epochs 5 --lr 1e-3 --dp-blocks decoder"
   # epsilon 1 with the settings chosen at epsilon 10 (not tuned on their own)
   [eps1_e5]="--epsilon 1 --epochs 5"
   [eps1_e5_lr1e-3]="--epsilon 1 --epochs 5 --lr 1e-3"
 )
-ORDER=(eps10_e1 eps10_e5 eps10_e5_lr1e-3 eps10_e5_b1024_lr1e-3 eps10_e5_lora8_lr2e-3 eps1_e5 eps1_e5_lr1e-3)
+ORDER=(eps10_e1 eps10_e5 eps10_e5_lr1e-3 eps10_e5_b1024_lr1e-3 eps10_e5_lora8_lr2e-3 eps10_e5_lr1e-3_C1e-3
+       eps10_e5_lr1e-3_C1e-1 eps10_e5_lr1e-3_levels2 eps10_e5_lr1e-3_decoder eps1_e5 eps1_e5_lr1e-3)
 [ $# -gt 0 ] && ORDER=("$@")
 mkdir -p $R
 for name in "${ORDER[@]}"; do
