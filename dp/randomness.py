@@ -6,7 +6,8 @@ example's posterior sample, timestep and diffusion noise, and the Gaussian noise
     secret (32 bytes, `secrets.token_bytes`)      -- never written anywhere in a release run
       -> stream key = HMAC-SHA256(secret, purpose | step)[:8], a 64-bit Philox key per (purpose, step)
       -> Philox4x32-10 (Salmon et al. 2011) with counter (offset, example index): kernels/philox.py,
-         the same generator and counter layout as Triton's `tl.randn` in kernels/clip_noise.py
+         the same generator and counter layout as Triton's `tl.randn` (the DP noise of kernels/clip_noise.py
+         draws four coordinates per counter: `tl.randn4x`)
 
 Guarantees
 - Unpredictability: the secret has 256 bits from the operating system. Each stream's key is a PRF of the

@@ -12,7 +12,8 @@ with ||g_b|| the L2 norm of example b's gradient over *all* selected parameters 
             (tiny torch ops)          norms (B,), clip factors (B,)
     pass 2  `_clip_sum_noise_kernel` per block of coordinates, loop over examples accumulating
                                       factor[b] * g[b, block] in fp32 registers, add noise_std *
-                                      tl.randn(seed, coordinate), divide, write the result once.
+                                      N(0, 1) of the coordinate (`_coordinate_normals`), divide, write
+                                      the result once.
   Memory traffic: 2 * B * P * elem_size (gradients read twice) + P * 4 (result written), plus
   P * 4 * 2 * splits when pass 2 splits the examples (small P, see `_rows_per_program`).
 
@@ -25,9 +26,10 @@ Guarantees (what a privacy reviewer can rely on)
   sampling, not the realised batch size). Sampling and accounting are the caller's job.
 - Non-finite gradients: an example whose norm is not finite (an inf or NaN anywhere in its gradient)
   gets factor 0 and contributes exactly zero (never 0 x inf = NaN), in both backends.
-- Noise: both backends draw it with Philox4x32-10 and Box-Muller, Triton's `tl.randn(key, i)` in the
-  kernel and its plain-torch twin `kernels.philox.randn(key, i)` in the reference: the same key gives the
-  same noise, up to fp32 rounding of log/cos. Philox is not a cryptographic generator: whoever knows the
+- Noise: both backends draw it with Philox4x32-10 and Box-Muller: coordinate i is output i mod 4 of
+  Triton's `tl.randn4x(key, i // 4)` in the kernel (`_coordinate_normals`) and of its plain-torch twin
+  `kernels.philox.randn4x` in the reference (`kernels.philox.coordinate_normals`): the same key gives the
+  same noise, up to fp32 rounding of log/cos/sin. One Philox call serves four coordinates. Philox is not a cryptographic generator: whoever knows the
   key can regenerate and subtract the noise. The key must be the step's stream key derived from the run's
   256-bit OS secret (dp/randomness.py), fresh every step, and never logged or stored in a released
   artefact. Floating-point Gaussian samplers are known to leak in theory (Mironov 2012;
@@ -35,8 +37,8 @@ Guarantees (what a privacy reviewer can rely on)
   1e-7, so |noise| <= 5.68 noise_std per coordinate). Summing several draws mitigates this
   (Holohan and Braghin 2021); not done here.
 - Noise layout: coordinate i of the flattened concatenation of all parameters (in list order) gets
-  the draw for (key, i): each parameter owns a distinct counter range, so no two coordinates share a
-  draw. Same key -> same noise; different keys -> independent noise.
+  output i mod 4 of the draw for (key, i // 4): each parameter owns a distinct coordinate range, so no
+  two coordinates share an output. Same key -> same noise; different keys -> independent noise.
 - `return_norms=True` returns the per-sample norms: they are private data, for diagnostics and
   auditing only; nothing here logs them.
 """
@@ -51,7 +53,7 @@ import numbers
 
 import torch
 
-from kernels.philox import randn
+from kernels.philox import coordinate_normals
 from ldm.errors import UserError
 
 try:  # the reference path needs no triton; only importing it here, no device is touched
@@ -99,7 +101,7 @@ def clip_and_noise(grads, max_norm, noise_std, divisor, seed, *, backend="auto",
 def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, return_norms=False):
     """Plain-torch definition of `clip_and_noise` (same arguments, same result up to the noise draw).
 
-    Noise: `kernels.philox.randn(seed, i)` for coordinate i of the flattened concatenation, as the kernel
+    Noise: `kernels.philox.coordinate_normals(seed, n)` over the flattened concatenation, as the kernel
     draws it. bf16/fp16 tensors are converted to fp32 one parameter at a time for the scaled sum (a
     temporary of that size). Examples with a non-finite norm are left out of the sum (factor 0).
     """
@@ -118,7 +120,7 @@ def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, retur
     n_cols = sum(f.shape[1] for f in flat)
     noise = torch.zeros(n_cols, device=device)  # noise_std = 0 (a micro-batch's share): no draw needed
     if noise_std > 0:
-        noise = randn(seed, torch.arange(n_cols, device=device))
+        noise = coordinate_normals(seed, n_cols, device)
     outs, offset = [], 0
     for f, g in zip(flat, tensors):
         n = f.shape[1]
@@ -269,6 +271,14 @@ def _sq_norm_kernel(
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
+def _coordinate_normals(seed, cols):
+    """N(0, 1) of the global coordinates `cols` (int64 >= 0): output cols mod 4 of tl.randn4x(seed, cols // 4),
+    the layout of kernels.philox.coordinate_normals."""
+    n0, n1, n2, n3 = tl.randn4x(seed, cols // 4)
+    r = cols % 4
+    return tl.where(r == 0, n0, tl.where(r == 1, n1, tl.where(r == 2, n2, n3)))
+
+
 def _clip_sum_noise_kernel(
     # pointers
     table_ptr, block_map_ptr, factor_ptr, out_ptr,
@@ -309,9 +319,9 @@ def _clip_sum_noise_kernel(
             x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         # factor 0 (a non-finite example): exactly zero, never 0 x inf
         acc += tl.sum(tl.where(f[:, None] > 0, x.to(tl.float32) * f[:, None], 0.0), axis=0)
-    out_cols = out_offset + cols  # global coordinate: the noise counter
+    out_cols = out_offset + cols  # global coordinate: it addresses the noise
     if FINAL:
-        acc = (acc + noise_std * tl.randn(seed, out_cols)) / divisor
+        acc = (acc + noise_std * _coordinate_normals(seed, out_cols)) / divisor
         tl.store(out_ptr + out_cols, acc, mask=col_mask)
     else:
         tl.store(out_ptr + split.to(tl.int64) * out_split_stride + out_cols, acc, mask=col_mask)
@@ -327,7 +337,7 @@ def _noise_finish_kernel(
     # constexprs
     BLOCK: tl.constexpr,
 ):
-    """After a split pass 2: out[i] = (sum_s partial[s, i] + noise_std * randn(seed, i)) / divisor."""
+    """After a split pass 2: out[i] = (sum_s partial[s, i] + noise_std * N(0, 1)_i) / divisor."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -335,12 +345,13 @@ def _noise_finish_kernel(
     for _ in range(n_splits):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += n_cols  # pointer arithmetic: 64-bit
-    acc = (acc + noise_std * tl.randn(seed, cols)) / divisor
+    acc = (acc + noise_std * _coordinate_normals(seed, cols)) / divisor
     tl.store(out_ptr + cols, acc, mask=mask)
 
 
 if triton is not None:  # decorated here so the functions above stay readable as plain code
     # Sizes that change every step (Poisson batch size, seed) are not specialised: no recompiles.
+    _coordinate_normals = triton.jit(_coordinate_normals)
     _sq_norm_kernel = triton.jit(_sq_norm_kernel)
     _clip_sum_noise_kernel = triton.jit(_clip_sum_noise_kernel, do_not_specialize=["n_rows", "rows_per_program",
                                                                                    "seed"])

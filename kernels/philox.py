@@ -28,6 +28,12 @@ and a kernel draw the same DP noise for the same key. Triton 3.x semantics, read
 - `tl.randn`: words 0 and 1 -> uniforms u1, u2 as above; Box-Muller's first output,
   sqrt(-2 log(max(u1, 1e-7))) * cos(2 pi u2), all in float32 (Box and Muller 1958). Words 2 and 3 are
   unused. Because of the clamp, |randn| <= sqrt(-2 log(1e-7)) = 5.68.
+- `tl.randn4x`: all four words -> uniforms u1..u4; both Box-Muller outputs of (u1, u2) and of (u3, u4):
+  (r cos(2 pi u2), r sin(2 pi u2), r' cos(2 pi u4), r' sin(2 pi u4)), r = sqrt(-2 log(max(u1, 1e-7))),
+  r' the same of u3. The two outputs of one pair are independent N(0, 1) (Box and Muller 1958).
+- The DP noise layout (`coordinate_normals`, and `_coordinate_normals` in kernels/clip_noise.py):
+  coordinate i of a noise vector is output i mod 4 of `tl.randn4x(key, i // 4)`, so one Philox call
+  serves four coordinates and every coordinate still has its own draw.
 
 Exactness: the integer part is exact on every backend. torch has no uint32 arithmetic, so words are
 int64 tensors holding [0, 2^32), and no step relies on int64 overflow: each 32x32 -> 64-bit product M * x
@@ -53,6 +59,9 @@ for the slower thread). randn's float math runs once over whole tensors, where t
 Measured for 4M (2^22) counters on that 2-core Xeon (AVX-512), `python -m kernels.philox`, best of 5
 while the other core was idle: randint4x 224 ms, uniform 172 ms, randn 197 ms with 1 thread; 224, 177
 and 220 ms with 2. While other users loaded the machine: 200-320 ms, either thread count.
+The DP noise of the quick preset's 1.66M trainable coordinates (2026-12-01, 2-core AVX2 machine, 1 thread,
+the other core busy): 81 ms one randn counter per coordinate, 26 ms by `coordinate_normals` (a quarter of
+the counters; the float math is the same per coordinate).
 """
 
 import numbers
@@ -171,13 +180,26 @@ def _to_uniform_(x, scratch, out):
     return out
 
 
-def _box_muller_(u1, u2):
-    """Triton's pair_uniform_to_normal(u1, u2)[0], in place over whole tensors (float math parallelises well).
+def _polar_(u1, u2):
+    """Box-Muller's radius and angle as Triton's pair_uniform_to_normal(u1, u2) forms them, in place over whole
+    tensors (float math parallelises well): u1 becomes sqrt(-2 log(max(u1, 1e-7))), u2 becomes 2 pi u2.
 
-    u1, u2: float32 (n,) in [0, 1). Returns u1, now sqrt(-2 log(max(u1, 1e-7))) cos(2 pi u2); clobbers u2.
+    u1, u2: float32 (n,) in [0, 1). The normals are radius * cos(angle) and radius * sin(angle).
     """
-    radius = u1.clamp_min_(BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_()
-    return radius.mul_(u2.mul_(TWO_PI).cos_())
+    return u1.clamp_min_(BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_(), u2.mul_(TWO_PI)
+
+
+def _uniforms(key, offsets, rounds, k):
+    """Triton's `tl.rand` of words 0..k-1 at each offset: k float32 tensors (*offsets.shape,) in [0, 1)."""
+    blocks = _offset_blocks(key, offsets, rounds)
+    outs = [torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device) for _ in range(k)]
+    scratch = None
+    for start, stop, words in blocks:
+        if scratch is None:  # one buffer of the first (largest) block's size, sliced for the last
+            scratch = torch.empty_like(words[0])
+        for out, x in zip(outs, words):
+            _to_uniform_(x, scratch[:stop - start], out.view(-1)[start:stop])
+    return outs
 
 
 def _gather(blocks, shape, device):
@@ -233,11 +255,7 @@ def randint4x(key, offsets, rounds=10):
 
 def uniform(key, offsets, rounds=10):
     """Triton's `tl.rand(key, offsets)`, bit for bit: float32 (*offsets.shape,) in [0, 1) from word 0."""
-    blocks = _offset_blocks(key, offsets, rounds)
-    out = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
-    for start, stop, (x0, x1, _, _) in blocks:
-        _to_uniform_(x0, x1, out.view(-1)[start:stop])
-    return out
+    return _uniforms(key, offsets, rounds, 1)[0]
 
 
 def randn(key, offsets, rounds=10):
@@ -247,13 +265,36 @@ def randn(key, offsets, rounds=10):
     1958, first output); equal to Triton's up to float32 rounding of log / sqrt / cos (module docstring).
     Memory: two float32 tensors of offsets' size plus the fixed block buffers.
     """
-    blocks = _offset_blocks(key, offsets, rounds)
-    u1 = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
-    u2 = torch.empty_like(u1)
-    for start, stop, (x0, x1, x2, _) in blocks:
-        _to_uniform_(x0, x2, u1.view(-1)[start:stop])
-        _to_uniform_(x1, x2, u2.view(-1)[start:stop])
-    return _box_muller_(u1, u2)
+    u1, u2 = _uniforms(key, offsets, rounds, 2)
+    radius, angle = _polar_(u1, u2)
+    return radius.mul_(angle.cos_())
+
+
+def randn4x(key, offsets, rounds=10):
+    """Triton's `tl.randn4x(key, offsets)`: four float32 tensors (*offsets.shape,) ~ N(0, 1), independent.
+
+    Both Box-Muller outputs of words (0, 1) and of words (2, 3): r cos, r sin, r' cos, r' sin (module
+    docstring); equal to Triton's up to float32 rounding of log / sqrt / cos / sin, as `randn`.
+    Memory: four float32 tensors of offsets' size plus the fixed block buffers.
+    """
+    u1, u2, u3, u4 = _uniforms(key, offsets, rounds, 4)
+    normals = []
+    for u_radius, u_angle in ((u1, u2), (u3, u4)):
+        radius, angle = _polar_(u_radius, u_angle)
+        normals += [radius * torch.cos(angle), radius.mul_(angle.sin_())]
+    return tuple(normals)
+
+
+def coordinate_normals(key, n, device="cpu", rounds=10):
+    """The DP noise vector: float32 (n,) ~ N(0, I), coordinate i = output i mod 4 of `randn4x(key, i // 4)`.
+
+    kernels/clip_noise.py's kernel draws exactly these (its `_coordinate_normals`), so both backends add the
+    same noise for the same key. n: int >= 0.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative int (the number of noise coordinates); got {n!r}")
+    counters = torch.arange(-(-int(n) // 4), device=device)
+    return torch.stack(randn4x(key, counters, rounds), dim=1).reshape(-1)[:n]
 
 
 def _benchmark(n=1 << 22):

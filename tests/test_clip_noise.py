@@ -142,7 +142,9 @@ def test_reference_noise_is_philox_over_the_flattened_coordinates():
     key = 2**63 + 1234  # a 64-bit key: bits above 63 are used too
     out = reference(grads, 1.0, 2.0, 4.0, key)
     total, _ = naive(grads, 1.0)
-    noise = philox.randn(key, torch.arange(40))  # Triton's tl.randn(key, i), in plain torch
+    draws = philox.randn4x(key, torch.arange(10))  # Triton's tl.randn4x(key, counter), in plain torch
+    noise = torch.stack(draws, dim=1).reshape(-1)  # coordinate i: output i % 4 of counter i // 4
+    assert noise.unique().numel() == 40  # every coordinate its own draw
     assert_rel_close(out, (total + 2.0 * noise.double()) / 4.0, 1e-6)
 
 

@@ -1,5 +1,6 @@
 """Tests for kernels/philox.py: Random123's known answers, bit identity with Triton's `tl.randint4x`,
-`tl.rand` and `tl.randn` (the latter up to float32 rounding), key sensitivity, moments, errors.
+`tl.rand`, `tl.randn` and `tl.randn4x` (the normals up to float32 rounding), the DP noise layout, key
+sensitivity, moments, errors.
 
 Triton's side runs through its interpreter, which must be switched on before triton is first imported.
 This module sets TRITON_INTERPRET=1 first thing; if triton was imported earlier without it (another test
@@ -98,8 +99,9 @@ if triton is not None:
         tl.store(out_ptr + 3 * n + i, x3, mask=mask)
 
     @triton.jit
-    def _draw_kernel(seed, off_ptr, words_ptr, uni_ptr, nrm_ptr, n, BLOCK: tl.constexpr):
-        """words (4, n) int32 = tl.randint4x(seed, off); uni, nrm (n,) = tl.rand, tl.randn(seed, off)."""
+    def _draw_kernel(seed, off_ptr, words_ptr, uni_ptr, nrm_ptr, nrm4_ptr, n, BLOCK: tl.constexpr):
+        """words (4, n) int32 = tl.randint4x(seed, off); uni, nrm (n,) = tl.rand, tl.randn(seed, off);
+        nrm4 (4, n) = tl.randn4x(seed, off)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
         off = tl.load(off_ptr + i, mask=mask)
@@ -110,15 +112,21 @@ if triton is not None:
         tl.store(words_ptr + 3 * n + i, x3, mask=mask)
         tl.store(uni_ptr + i, tl.rand(seed, off), mask=mask)
         tl.store(nrm_ptr + i, tl.randn(seed, off), mask=mask)
+        n0, n1, n2, n3 = tl.randn4x(seed, off)
+        tl.store(nrm4_ptr + i, n0, mask=mask)
+        tl.store(nrm4_ptr + n + i, n1, mask=mask)
+        tl.store(nrm4_ptr + 2 * n + i, n2, mask=mask)
+        tl.store(nrm4_ptr + 3 * n + i, n3, mask=mask)
 
 
 def _triton_draw(seed, offsets, device, block=512):
-    """(words (4, n) int64 in [0, 2**32), tl.rand (n,), tl.randn (n,)) on the CPU."""
+    """(words (4, n) int64 in [0, 2**32), tl.rand (n,), tl.randn (n,), tl.randn4x (4, n)) on the CPU."""
     n = offsets.numel()
     words = torch.empty(4, n, dtype=torch.int32, device=device)
     uni, nrm = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(2))
-    _draw_kernel[(triton.cdiv(n, block),)](seed, offsets.to(device), words, uni, nrm, n, BLOCK=block)
-    return words.cpu().to(torch.int64) & M32, uni.cpu(), nrm.cpu()
+    nrm4 = torch.empty(4, n, dtype=torch.float32, device=device)
+    _draw_kernel[(triton.cdiv(n, block),)](seed, offsets.to(device), words, uni, nrm, nrm4, n, BLOCK=block)
+    return words.cpu().to(torch.int64) & M32, uni.cpu(), nrm.cpu(), nrm4.cpu()
 
 
 def compute_triton_draws(device):
@@ -195,7 +203,7 @@ def test_triton_philox_gives_the_same_known_answers(triton_draws):
 @pytest.mark.parametrize("name", set_names())
 @pytest.mark.parametrize("seed", SEEDS)
 def test_randint4x_bit_identical_to_triton(triton_draws, seed, name):
-    words, _, _ = triton_draws["draws"][seed, name]
+    words, *_ = triton_draws["draws"][seed, name]
     ours = philox.randint4x(key_of(seed), triton_draws["sets"][name])
     assert torch.equal(torch.stack(ours), words)
 
@@ -203,7 +211,7 @@ def test_randint4x_bit_identical_to_triton(triton_draws, seed, name):
 @pytest.mark.parametrize("name", set_names())
 @pytest.mark.parametrize("seed", SEEDS)
 def test_uniform_bit_identical_to_triton_rand(triton_draws, seed, name):
-    _, uni, _ = triton_draws["draws"][seed, name]
+    _, uni, *_ = triton_draws["draws"][seed, name]
     ours = philox.uniform(key_of(seed), triton_draws["sets"][name])
     assert torch.equal(ours, uni)
     assert 0 <= ours.min() and ours.max() < 1
@@ -212,15 +220,24 @@ def test_uniform_bit_identical_to_triton_rand(triton_draws, seed, name):
 @pytest.mark.parametrize("name", set_names())
 @pytest.mark.parametrize("seed", SEEDS)
 def test_randn_matches_triton_randn_to_fp32_rounding(triton_draws, seed, name):
-    _, _, nrm = triton_draws["draws"][seed, name]
+    _, _, nrm, _ = triton_draws["draws"][seed, name]
     ours = philox.randn(key_of(seed), triton_draws["sets"][name])
     err = (ours.double() - nrm.double()).abs()
     assert (err <= RANDN_TOL * (1 + nrm.double().abs())).all(), f"max error {err.max().item():.3g}"
 
 
+@pytest.mark.parametrize("name", set_names())
+@pytest.mark.parametrize("seed", SEEDS)
+def test_randn4x_matches_triton_randn4x_to_fp32_rounding(triton_draws, seed, name):
+    *_, nrm4 = triton_draws["draws"][seed, name]
+    ours = torch.stack(philox.randn4x(key_of(seed), triton_draws["sets"][name]))
+    err = (ours.double() - nrm4.double()).abs()
+    assert (err <= RANDN_TOL * (1 + nrm4.double().abs())).all(), f"max error {err.max().item():.3g}"
+
+
 @pytest.mark.parametrize("seed", NEGATIVE_SEEDS)
 def test_negative_triton_seed_is_the_key_seed_plus_2_64(triton_draws, seed):
-    words, uni, _ = triton_draws["draws"][seed, "arange_1000"]
+    words, uni, *_ = triton_draws["draws"][seed, "arange_1000"]
     assert torch.equal(torch.stack(philox.randint4x(seed + 2 ** 64, torch.arange(1000))), words)
     assert torch.equal(philox.uniform(seed + 2 ** 64, torch.arange(1000)), uni)
 
@@ -230,7 +247,7 @@ def test_triton_refuses_seeds_outside_int64_and_uint64(triton_draws):
 
 
 def test_int32_offsets_match_triton_with_no_high_word(triton_draws):
-    words, uni, _ = triton_draws["draws"][SEEDS[-2], "int32"]
+    words, uni, *_ = triton_draws["draws"][SEEDS[-2], "int32"]
     offsets = triton_draws["int32_offsets"]
     assert torch.equal(torch.stack(philox.randint4x(SEEDS[-2], offsets)), words)
     assert torch.equal(philox.uniform(SEEDS[-2], offsets), uni)
@@ -271,6 +288,43 @@ def test_blocks_do_not_change_the_draws(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(whole[0], blocked[0]))
     assert torch.equal(whole[1], blocked[1]) and torch.equal(whole[2], blocked[2])
     assert whole[2].shape == (17, 241) and whole[2].dtype == torch.float32
+
+
+def test_randn4x_blocks_and_first_output(monkeypatch):
+    offsets = offset_sets()["across_2**32_4097"].view(17, 241)
+    whole = philox.randn4x(7, offsets)
+    assert torch.equal(whole[0], philox.randn(7, offsets))  # output 0 is tl.randn's, the same float ops
+    monkeypatch.setattr(philox, "_CPU_CHUNK", 1000)
+    assert all(torch.equal(a, b) for a, b in zip(whole, philox.randn4x(7, offsets)))
+    assert all(n.shape == (17, 241) and n.dtype == torch.float32 for n in whole)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 4099])
+def test_coordinate_normals_layout(n):
+    """Coordinate i is output i % 4 of randn4x(key, i // 4); a prefix of a longer vector is the shorter one."""
+    key = 2 ** 63 + 99
+    out = philox.coordinate_normals(key, n)
+    assert out.shape == (n,) and out.dtype == torch.float32
+    draws = philox.randn4x(key, torch.arange(n // 4 + 1))
+    for i in sorted({0, 1, 2, 3, n // 2, n - 1} & set(range(n))):
+        assert out[i] == draws[i % 4][i // 4]
+    assert torch.equal(philox.coordinate_normals(key, n + 3)[:n], out)
+    assert out.unique().numel() == n  # no two coordinates share a draw
+
+
+def test_coordinate_normals_moments_and_independent_pairs():
+    x = philox.coordinate_normals(12345, 1 << 20).double()
+    assert abs(x.mean()) < 5 / 2 ** 10 and abs(x.var() - 1) < 5 * 2 ** 0.5 / 2 ** 10
+    pairs = x.view(-1, 4)  # the four outputs of one counter: uncorrelated, including cos and sin of one angle
+    corr = torch.corrcoef(pairs.T)
+    assert (corr - torch.eye(4, dtype=corr.dtype)).abs().max() < 5 / 2 ** 9
+    assert abs((pairs[:, 0] ** 2 * pairs[:, 1] ** 2).mean() - 1) < 0.02  # not merely uncorrelated: E[x^2 y^2] = 1
+
+
+@pytest.mark.parametrize("n", [-1, 2.0, True, None])
+def test_coordinate_normals_refuses_a_bad_size(n):
+    with pytest.raises(ValueError, match="non-negative int"):
+        philox.coordinate_normals(1, n)
 
 
 def test_empty_offsets_give_empty_draws():
