@@ -64,7 +64,7 @@ def test_kept_per_sample_weight_gradients_give_the_same_sum(monkeypatch, keep):
     z0, y, t, noise = batch("smoke", 5)
     layers, _ = bk._capture(unet, d, params, z0, y, t, noise)
     linear = [isinstance(layer.module, nn.Linear) for layer in layers]
-    wide = sum(is_linear and not bk._ghost(bk._tokens(layer.calls[0][0]), bk._tokens(layer.d))
+    wide = sum(is_linear and not bk._ghost(*bk._tokens(layer.calls[0][0]).shape[1:], layer.d.shape[-1])
                for is_linear, layer in zip(linear, layers))
     budget = {"all": bk.KEEP_FLOATS, "some": 5 * 16 * 16 * 3, "none": 0}[keep]  # "some": three 16x16 weights
     monkeypatch.setattr(bk, "KEEP_FLOATS", budget)
@@ -76,6 +76,29 @@ def test_kept_per_sample_weight_gradients_give_the_same_sum(monkeypatch, keep):
     got, norms = bk.clipped_sum(unet, d, params, z0, y, t, noise, clip)
     torch.testing.assert_close(norms, norms_ref, rtol=1e-4, atol=0)
     assert_same_sum(got, clip_and_noise_reference([per[n] for n in params], clip, 0.0, 1.0, 0))
+
+
+def test_the_reused_workspace_never_carries_one_batch_into_the_next(monkeypatch):
+    """The kept per-sample gradients live in one buffer reused call after call: each call's sum equals the sum
+    computed with fresh memory, a call after a larger one reuses the buffer, and a larger one grows it."""
+    unet, d = random_unet(), Diffusion()
+    params = select_parameters(unet, "all")
+    inputs = {b: batch("smoke", b, seed=b) for b in (3, 5)}
+    monkeypatch.setattr(bk, "_WORKSPACE", {})
+    fresh = {}
+    for b in (3, 5):
+        with monkeypatch.context() as m:
+            m.setattr(bk, "_workspace", lambda numel, device: torch.full((numel,), float("nan"), device=device))
+            fresh[b] = bk.clipped_sum(unet, d, params, *inputs[b], 0.5)
+    pointers = []
+    for b in (3, 5, 3, 5):
+        got, norms = bk.clipped_sum(unet, d, params, *inputs[b], 0.5)
+        pointers.append(bk._WORKSPACE[torch.device("cpu")].data_ptr())
+        assert_same_sum(got, fresh[b][0])
+        torch.testing.assert_close(norms, fresh[b][1], rtol=0, atol=0)
+    buffer = bk._WORKSPACE[torch.device("cpu")]
+    assert pointers[1] == pointers[2] == pointers[3]  # grown once, for 5 examples, then reused
+    assert buffer.numel() == bk._kept(bk._capture(unet, d, params, *inputs[5])[0])[1] > 0
 
 
 @pytest.mark.parametrize("tokens,d_in,d_out,limit", [(2, 8, 8, 1 << 22), (16, 4, 4, 1 << 22), (16, 4, 4, 40)])
