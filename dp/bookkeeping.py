@@ -164,7 +164,7 @@ def _kept(layers):
     kept (many tokens: not `_ghost`), in model order while they fit in KEEP_FLOATS; and the numbers they need."""
     kept, total = {}, 0
     for i, layer in enumerate(layers):
-        m, a, d = layer.module, layer.calls[0][0], layer.d
+        m, a = layer.module, layer.calls[0][0]
         if isinstance(m, nn.Linear) and "weight" in layer.chosen:
             n, tokens = len(a) * m.weight.numel(), math.prod(a.shape[1:-1])
             if not _ghost(tokens, m.in_features, m.out_features) and total + n <= KEEP_FLOATS:
