@@ -160,15 +160,16 @@ def _capture(unet, diffusion, params, z0, y, t, noise):
 
 
 def _kept(layers):
-    """{index in layers: offset in the workspace} of the Linear weights whose per-sample gradients are built and
-    kept (many tokens: not `_ghost`), in model order while they fit in KEEP_FLOATS; and the numbers they need."""
+    """{index in layers: (start, stop) in the workspace} of the Linear weights whose per-sample gradients are
+    built and kept (many tokens: not `_ghost`), in model order while they fit in KEEP_FLOATS; and the numbers
+    they need."""
     kept, total = {}, 0
     for i, layer in enumerate(layers):
         m, a = layer.module, layer.calls[0][0]
         if isinstance(m, nn.Linear) and "weight" in layer.chosen:
             n, tokens = len(a) * m.weight.numel(), math.prod(a.shape[1:-1])
             if not _ghost(tokens, m.in_features, m.out_features) and total + n <= KEEP_FLOATS:
-                kept[i], total = total, total + n
+                kept[i], total = (total, total + n), total + n
     return kept, total
 
 
@@ -202,8 +203,8 @@ def tensor_sq_norms(layers):
         if isinstance(m, nn.Linear) and "weight" in layer.chosen:
             a2, d2 = _tokens(a.float()), _tokens(d)
             if i in kept:  # (b, o, i), kept: the clipped sum is then a weighted sum
-                out = space[kept[i]:kept[i] + len(a2) * m.weight.numel()].view(len(a2), *m.weight.shape)
-                ps["weight"] = torch.bmm(d2.transpose(1, 2), a2, out=out)
+                start, stop = kept[i]
+                ps["weight"] = torch.bmm(d2.transpose(1, 2), a2, out=space[start:stop].view(len(a2), *m.weight.shape))
             else:
                 sq[layer.chosen["weight"]] = _linear_weight_sq_norms(a2, d2)
         for local, g in ps.items():

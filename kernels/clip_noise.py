@@ -29,10 +29,10 @@ Guarantees (what a privacy reviewer can rely on)
 - Noise: both backends draw it with Philox4x32-10 and Box-Muller: coordinate i is output i mod 4 of
   Triton's `tl.randn4x(key, i // 4)` in the kernel (`_coordinate_normals`) and of its plain-torch twin
   `kernels.philox.randn4x` in the reference (`kernels.philox.coordinate_normals`): the same key gives the
-  same noise, up to fp32 rounding of log/cos/sin. One Philox call serves four coordinates. Philox is not a cryptographic generator: whoever knows the
-  key can regenerate and subtract the noise. The key must be the step's stream key derived from the run's
-  256-bit OS secret (dp/randomness.py), fresh every step, and never logged or stored in a released
-  artefact. Floating-point Gaussian samplers are known to leak in theory (Mironov 2012;
+  same noise, up to fp32 rounding of log/cos/sin. One Philox call serves four coordinates. Philox is not a
+  cryptographic generator: whoever knows the key can regenerate and subtract the noise. The key must be
+  the step's stream key derived from the run's 256-bit OS secret (dp/randomness.py), fresh every step,
+  and never logged or stored in a released artefact. Floating-point Gaussian samplers are known to leak in theory (Mironov 2012;
   Jin et al. 2022): the samples are not exactly Gaussian (Triton's Box-Muller clamps its uniform at
   1e-7, so |noise| <= 5.68 noise_std per coordinate). Summing several draws mitigates this
   (Holohan and Braghin 2021); not done here.

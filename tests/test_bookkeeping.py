@@ -80,7 +80,8 @@ def test_kept_per_sample_weight_gradients_give_the_same_sum(monkeypatch, keep):
 
 def test_the_reused_workspace_never_carries_one_batch_into_the_next(monkeypatch):
     """The kept per-sample gradients live in one buffer reused call after call: each call's sum equals the sum
-    computed with fresh memory, a call after a larger one reuses the buffer, and a larger one grows it."""
+    computed with fresh memory, a call after a larger one reuses the buffer, and a larger one grows it. No result
+    aliases the buffer: every call's result is unchanged after the later calls have overwritten it."""
     unet, d = random_unet(), Diffusion()
     params = select_parameters(unet, "all")
     inputs = {b: batch("smoke", b, seed=b) for b in (3, 5)}
@@ -90,12 +91,15 @@ def test_the_reused_workspace_never_carries_one_batch_into_the_next(monkeypatch)
         with monkeypatch.context() as m:
             m.setattr(bk, "_workspace", lambda numel, device: torch.full((numel,), float("nan"), device=device))
             fresh[b] = bk.clipped_sum(unet, d, params, *inputs[b], 0.5)
-    pointers = []
+    pointers, results = [], []
     for b in (3, 5, 3, 5):
         got, norms = bk.clipped_sum(unet, d, params, *inputs[b], 0.5)
         pointers.append(bk._WORKSPACE[torch.device("cpu")].data_ptr())
         assert_same_sum(got, fresh[b][0])
         torch.testing.assert_close(norms, fresh[b][1], rtol=0, atol=0)
+        results.append((b, [g.clone() for g in got], got))
+    for b, copy, got in results:  # still what it was when returned
+        assert all(torch.equal(c, g) for c, g in zip(copy, got))
     buffer = bk._WORKSPACE[torch.device("cpu")]
     assert pointers[1] == pointers[2] == pointers[3]  # grown once, for 5 examples, then reused
     assert buffer.numel() == bk._kept(bk._capture(unet, d, params, *inputs[5])[0])[1] > 0
