@@ -32,8 +32,8 @@ Guarantees (what a privacy reviewer can rely on)
   same noise, up to fp32 rounding of log/cos/sin. One Philox call serves four coordinates. Philox is not a
   cryptographic generator: whoever knows the key can regenerate and subtract the noise. The key must be
   the step's stream key derived from the run's 256-bit OS secret (dp/randomness.py), fresh every step,
-  and never logged or stored in a released artefact. Floating-point Gaussian samplers are known to leak in theory (Mironov 2012;
-  Jin et al. 2022): the samples are not exactly Gaussian (Triton's Box-Muller clamps its uniform at
+  and never logged or stored in a released artefact. Floating-point Gaussian samplers are known to leak in
+  theory (Mironov 2012; Jin et al. 2022): the samples are not exactly Gaussian (Triton's Box-Muller clamps its uniform at
   1e-7, so |noise| <= 5.68 noise_std per coordinate). Summing several draws mitigates this
   (Holohan and Braghin 2021); not done here.
 - Noise layout: coordinate i of the flattened concatenation of all parameters (in list order) gets
