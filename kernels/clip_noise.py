@@ -33,8 +33,8 @@ Guarantees (what a privacy reviewer can rely on)
   cryptographic generator: whoever knows the key can regenerate and subtract the noise. The key must be
   the step's stream key derived from the run's 256-bit OS secret (dp/randomness.py), fresh every step,
   and never logged or stored in a released artefact. Floating-point Gaussian samplers are known to leak in
-  theory (Mironov 2012; Jin et al. 2022): the samples are not exactly Gaussian (Triton's Box-Muller clamps its uniform at
-  1e-7, so |noise| <= 5.68 noise_std per coordinate). Summing several draws mitigates this
+  theory (Mironov 2012; Jin et al. 2022): the samples are not exactly Gaussian (Triton's Box-Muller clamps
+  its uniform at 1e-7, so |noise| <= 5.68 noise_std per coordinate). Summing several draws mitigates this
   (Holohan and Braghin 2021); not done here.
 - Noise layout: coordinate i of the flattened concatenation of all parameters (in list order) gets
   output i mod 4 of the draw for (key, i // 4): each parameter owns a distinct coordinate range, so no
