@@ -1,7 +1,8 @@
 """Benchmark one DP fine-tuning step against a non-private step and Opacus, on the same UNet and trainable set.
 
     python -m dp.bench [--preset quick] [--batch 256] [--physical-batch N] [--repeats R] [--warmup W]
-                       [--threads T] [--device cpu|cuda] [--dp-blocks SPEC] [--dp-lora RANK] [--json PATH]
+                       [--threads T] [--device cpu|cuda] [--dp-blocks SPEC] [--dp-lora RANK] [--sequential]
+                       [--json PATH]
 
 Five ways to take one optimiser step on the parameters `select_trainable(unet, cfg)` (dp/select.py) of the
 preset's UNet, for one batch of B random latents, labels, timesteps and noise draws:
@@ -20,9 +21,15 @@ preset's UNet, for one batch of B random latents, labels, timesteps and noise dr
       and `DPOptimizerFastGradientClipping`, driven by `DPTensorFastGradientClipping.backward`, which takes two
       backward passes (norms, then the loss reweighted by the clip factors), with the same C, sigma and B.
 The same optimiser (the preset's, AdamW for quick) follows each. samples/s = B / median seconds per step, after
-warm-up steps. Each method runs in a fresh subprocess of this script (`--only a|b|c`), so its peak memory is its
-own: on CPU the peak resident set of that process (ru_maxrss: torch, the model and the step; "+step" is the growth
-during the steps), on CUDA torch.cuda.max_memory_allocated over the steps.
+warm-up steps. Each method runs in a fresh subprocess of this script (`--only a|b|v|c|g`), so its peak memory is
+its own: on CPU the peak resident set of that process (ru_maxrss: torch, the model and the step; "+step" is the
+growth during the steps), on CUDA torch.cuda.max_memory_allocated over the steps.
+
+The methods are timed in turn (`run_interleaved`): all subprocesses start, warm up, and then each round takes one
+timed step of every method, the first one rotating. On a machine whose speed drifts over the minutes of a run
+(a shared host: on the development machine the same step varied by 10-20% between runs) every method then sees
+the same drift, so the ratios of one run are fair. Their memory adds up while they live together;
+`--sequential` times one method after another instead, as earlier versions did.
 
 Sanity check (main process, one batch): our clipped sum and Opacus's (sigma 0, C = the median per-sample norm,
 so half the examples are clipped) must agree; it also checks our per-sample gradients against an independent
@@ -197,49 +204,138 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(args):
-    """Time one method (--only) in this process: median seconds per step and peak memory, as a dict."""
+def stepper(args):
+    """(one step of method --only, sync) in this process, after its set-up."""
     device = torch.device(args.device)
     s = build_setup(args, device)
     step = {"a": nonprivate_step, "b": ours_step, "v": lambda s: ours_step(s, "vmap"),
             "c": opacus_step, "g": lambda s: opacus_step(s, "g")}[args.only](s)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    before = peak_rss_mib()
-    times, cpu_times = [], []
-    for i in tqdm(range(args.warmup + args.repeats), desc=METHODS[args.only], leave=False):
-        sync()
-        start, cpu_start = time.perf_counter(), cpu_seconds()
-        step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(cpu_seconds() - cpu_start)
+    return step, sync
+
+
+def timed(step, sync):
+    """(wall seconds, CPU seconds) of one step."""
+    sync()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    step()
+    sync()
+    return time.perf_counter() - start, cpu_seconds() - cpu_start
+
+
+def summary(args, times, cpu_times, before):
+    """The result of one method: median seconds per step (wall clock and CPU) and peak memory, as a dict."""
     seconds = statistics.median(times)
     result = {"method": args.only, "name": METHODS[args.only], "seconds": seconds, "times": times,
               "cpu_seconds": statistics.median(cpu_times), "cpu_times": cpu_times,
               "samples_per_s": args.batch / seconds, "peak_rss_mib": peak_rss_mib(),
               "step_rss_mib": peak_rss_mib() - before, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if args.device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2 ** 20
     return result
 
 
+def measure(args):
+    """Time one method (--only) in this process, its steps one after another: the result dict of `summary`."""
+    step, sync = stepper(args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+    before = peak_rss_mib()
+    times, cpu_times = [], []
+    for i in tqdm(range(args.warmup + args.repeats), desc=METHODS[args.only], leave=False):
+        wall, cpu = timed(step, sync)
+        if i >= args.warmup:
+            times.append(wall)
+            cpu_times.append(cpu)
+    return summary(args, times, cpu_times, before)
+
+
+def serve(args, commands, replies):
+    """Time one method (--only) on request: after set-up and warm-up write "ready"; then, for each line "step"
+    read from `commands`, take one step and write its times as JSON; at "done" write the `summary` and return."""
+    step, sync = stepper(args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+    before = peak_rss_mib()
+    for _ in range(args.warmup):
+        timed(step, sync)
+    times, cpu_times = [], []
+    print("ready", file=replies, flush=True)
+    for line in commands:
+        if line.strip() == "done":
+            break
+        wall, cpu = timed(step, sync)
+        times.append(wall)
+        cpu_times.append(cpu)
+        print(json.dumps({"seconds": wall, "cpu_seconds": cpu}), file=replies, flush=True)
+    print(json.dumps(summary(args, times, cpu_times, before)), file=replies, flush=True)
+
+
+def child_command(args, method, *extra):
+    """The command line of the subprocess that times `method` with this run's settings."""
+    cmd = [sys.executable, "-m", "dp.bench", "--only", method, "--preset", args.preset, "--batch", str(args.batch),
+           "--physical-batch", str(args.physical_batch), "--repeats", str(args.repeats), "--warmup",
+           str(args.warmup), "--device", args.device, "--dp-lora", str(args.dp_lora), *extra]
+    if args.dp_blocks:
+        cmd += ["--dp-blocks", args.dp_blocks]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
 def run_child(args, method):
-    """Run `--only method` in a fresh interpreter (its own peak memory) and return its result."""
+    """Run `--only method` in a fresh interpreter (its own peak memory), all its steps at once; its result."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "dp.bench", "--only", method, "--json", path, "--preset", args.preset,
-               "--batch", str(args.batch), "--physical-batch", str(args.physical_batch), "--repeats",
-               str(args.repeats), "--warmup", str(args.warmup), "--device", args.device, "--dp-lora", str(args.dp_lora)]
-        if args.dp_blocks:
-            cmd += ["--dp-blocks", args.dp_blocks]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        subprocess.run(cmd, cwd=REPO, check=True)
+        subprocess.run(child_command(args, method, "--json", path), cwd=REPO, check=True)
         with open(path) as f:
             return json.load(f)
+
+
+def reply(child, method):
+    """The next line a serving subprocess writes; a clear error if it died instead."""
+    line = child.stdout.readline()
+    if not line:
+        raise RuntimeError(f"dp.bench: the subprocess timing {METHODS[method]!r} exited with code {child.wait()} "
+                           f"(its error is printed above)")
+    return line
+
+
+def round_order(methods, r):
+    """The methods in the order round r steps them: the list rotated by r, so each leads one round in len(methods)."""
+    k = r % len(methods)
+    return methods[k:] + methods[:k]
+
+
+def run_interleaved(args, methods):
+    """Every method in its own fresh interpreter (its own peak memory), all started together and stepped in turn:
+    round r takes one timed step of each method, the first method rotating from round to round. A machine whose
+    speed drifts during the run (other load, clock changes) then slows every method alike, so the ratios of one
+    run compare like with like. The subprocesses live at the same time: their memory adds up (--sequential
+    times them one after another instead)."""
+    children = {m: subprocess.Popen(child_command(args, m, "--serve"), cwd=REPO, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True) for m in methods}
+    try:
+        for m, child in children.items():  # set-up and warm-up, untimed (they may overlap)
+            if reply(child, m).strip() != "ready":
+                raise RuntimeError(f"dp.bench: the subprocess timing {METHODS[m]!r} did not start")
+        for r in tqdm(range(args.repeats), desc="rounds (one step of each method)"):
+            for m in round_order(methods, r):
+                children[m].stdin.write("step\n")
+                children[m].stdin.flush()
+                reply(children[m], m)
+        results = {}
+        for m, child in children.items():
+            child.stdin.write("done\n")
+            child.stdin.flush()
+            results[m] = json.loads(reply(child, m))
+            child.wait()
+        return results
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def opacus_coverage(unet):
@@ -390,6 +486,10 @@ def parse_args(argv):
     parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
     parser.add_argument("--only", choices=tuple(METHODS), default=None,
                         help="measure one method in this process (used by the main run for each subprocess)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time the methods one after another (less memory at once) instead of in turn")
+    parser.add_argument("--serve", action="store_true",
+                        help="with --only: take one step per 'step' line on stdin (used by the interleaved run)")
     args = parser.parse_args(argv)
     args.physical_batch = args.physical_batch or args.batch
     for name in ("batch", "physical_batch", "repeats"):
@@ -397,6 +497,8 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--warmup must be >= 0 and --threads >= 1")
+    if args.serve and not args.only:
+        parser.error("--serve needs --only METHOD (it is how the interleaved run drives each subprocess)")
     if args.only in OPACUS_METHODS and importlib.util.find_spec("opacus") is None:
         parser.error(f"--only {args.only}: opacus not installed (it is a benchmark-only dependency)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -414,6 +516,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only and args.serve:  # stdout is the reply channel: anything else printed goes to stderr
+        replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        serve(args, sys.stdin, replies)
+        return
     if args.only:
         result = measure(args)
         if args.json:
@@ -434,7 +541,10 @@ def main(argv=None):
           f"{where}; torch {torch.__version__}; {version}")
     del s
     methods = [m for m in METHODS if m not in OPACUS_METHODS or with_opacus]
-    results = {m: run_child(args, m) for m in tqdm(methods, desc="methods (one subprocess each)")}
+    if args.sequential:
+        results = {m: run_child(args, m) for m in tqdm(methods, desc="methods (one subprocess each)")}
+    else:
+        results = run_interleaved(args, methods)
     ratios = print_report(results, args.device)
     lines, check = sanity_check(args, with_opacus)
     print("\n".join(lines))

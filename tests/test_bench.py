@@ -93,16 +93,17 @@ def test_kernels_bench_smallest_cpu_run(tmp_path):
 
 
 def test_dp_bench_smallest_cpu_run(tmp_path):
-    """Smoke preset (the smallest), one timed step, no warm-up, each method in its own subprocess. Batch 2 in
-    micro-batches of 1: the smallest batch at which the bench's own cross-check clips anything (C = the median
-    per-sample norm clips the larger example; with one example C is its own norm and nothing is clipped), and more
-    than one micro-batch per step."""
+    """Smoke preset (the smallest), one timed step, no warm-up, each method in its own subprocess (stepped in turn,
+    the default schedule). Batch 2 in micro-batches of 1: the smallest batch at which the bench's own cross-check
+    clips anything (C = the median per-sample norm clips the larger example; with one example C is its own norm and
+    nothing is clipped), and more than one micro-batch per step."""
     path = tmp_path / "dp.json"
     stdout = run_module("dp.bench", "--preset", "smoke", "--batch", "2", "--physical-batch", "1", "--repeats", "1",
                         "--warmup", "0", "--threads", "1", "--device", "cpu", "--json", str(path))
     report = json.loads(path.read_text())
     assert {k: report["args"][k] for k in ("preset", "batch", "physical_batch", "repeats", "warmup")} == \
         {"preset": "smoke", "batch": 2, "physical_batch": 1, "repeats": 1, "warmup": 0}
+    assert report["args"]["sequential"] is False  # the default: the methods' subprocesses stepped in turn
     names = {"a": "non-private", "b": "ours (DP, bk)", "v": "ours (DP, vmap)"}
     names |= {"c": "opacus (DP)", "g": "opacus ghost (DP)"} if HAS_OPACUS else {}
     results = report["results"]
@@ -190,3 +191,71 @@ def test_kernels_bench_refuses_sizes_it_cannot_run(sizes):
     with pytest.raises(SystemExit) as stop:
         bench.main(["--device", "cpu", "--sizes", sizes])
     assert stop.value.code == 2
+
+
+def test_dp_bench_interleaved_rounds_rotate_the_leader():
+    """Each round steps every method once, and over len(methods) rounds each method goes first exactly once (so no
+    method always runs right after the same other one, or always first after a pause)."""
+    from dp.bench import round_order
+    methods = list("abvcg")
+    orders = [round_order(methods, r) for r in range(2 * len(methods))]
+    assert all(sorted(o) == sorted(methods) for o in orders)
+    assert sorted(o[0] for o in orders[:len(methods)]) == sorted(methods)
+    assert orders[len(methods)] == methods  # the rotation repeats
+    assert [o[0] for o in orders[:3]] == ["a", "b", "v"]
+
+
+def test_dp_bench_serve_protocol():
+    """A serving subprocess's side, in this process: 'ready' after set-up and warm-up, one JSON line of positive
+    times per 'step', then at 'done' the method's summary over exactly the steps it was asked for."""
+    import io
+    from dp import bench
+    args = bench.parse_args(["--preset", "smoke", "--batch", "2", "--physical-batch", "1", "--warmup", "1",
+                             "--threads", "1", "--only", "b", "--serve"])
+    replies = io.StringIO()
+    bench.serve(args, io.StringIO("step\nstep\ndone\nstep\n"), replies)
+    lines = replies.getvalue().splitlines()
+    assert lines[0] == "ready" and len(lines) == 4
+    steps = [json.loads(line) for line in lines[1:3]]
+    for t in steps:
+        positive_finite(t["seconds"], "seconds")
+        positive_finite(t["cpu_seconds"], "cpu_seconds")
+    summary = json.loads(lines[3])
+    assert summary["method"] == "b" and summary["times"] == [t["seconds"] for t in steps]
+    assert summary["seconds"] == statistics.median(summary["times"])
+    assert math.isclose(summary["samples_per_s"], 2 / summary["seconds"], rel_tol=1e-12)
+
+
+def test_dp_bench_names_a_subprocess_that_died():
+    """An interleaved run whose subprocess exits (say, out of memory) stops with an error naming the method and
+    its exit code, not a JSON error on an empty line."""
+    import io
+    from dp import bench
+
+    class Dead:
+        stdout = io.StringIO("")
+
+        def wait(self):
+            return 137
+    with pytest.raises(RuntimeError, match=r"'ours \(DP, vmap\)' exited with code 137"):
+        bench.reply(Dead(), "v")
+
+
+def test_dp_bench_serve_needs_a_method(capsys):
+    from dp import bench
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(["--preset", "smoke", "--serve"])
+    assert stop.value.code == 2 and "--serve needs --only" in capsys.readouterr().err
+
+
+def test_dp_bench_sequential_schedule(tmp_path):
+    """--sequential, the one-method-after-another schedule: the same report, each method timed in its own run."""
+    path = tmp_path / "seq.json"
+    run_module("dp.bench", "--preset", "smoke", "--batch", "2", "--physical-batch", "1", "--repeats", "2",
+               "--warmup", "0", "--threads", "1", "--sequential", "--json", str(path))
+    report = json.loads(path.read_text())
+    assert report["args"]["sequential"] is True
+    assert set(report["results"]) >= {"a", "b", "v"}
+    for key, r in report["results"].items():
+        assert len(r["times"]) == 2 and r["seconds"] == statistics.median(r["times"]), key
+        positive_finite(r["peak_rss_mib"], f"{key}.peak_rss_mib")
