@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -204,16 +205,6 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stepper(args):
-    """(one step of method --only, sync) in this process, after its set-up."""
-    device = torch.device(args.device)
-    s = build_setup(args, device)
-    step = {"a": nonprivate_step, "b": ours_step, "v": lambda s: ours_step(s, "vmap"),
-            "c": opacus_step, "g": lambda s: opacus_step(s, "g")}[args.only](s)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return step, sync
-
-
 def timed(step, sync):
     """(wall seconds, CPU seconds) of one step."""
     sync()
@@ -223,52 +214,51 @@ def timed(step, sync):
     return time.perf_counter() - start, cpu_seconds() - cpu_start
 
 
-def summary(args, times, cpu_times, before):
-    """The result of one method: median seconds per step (wall clock and CPU) and peak memory, as a dict."""
+def timed_steps(args, requests, ready=lambda: None, report=lambda wall, cpu: None):
+    """Set up method --only in this process, take args.warmup untimed steps, call `ready`, then one timed step per
+    item of `requests` (each reported to `report`). Returns the method's median seconds per step (wall clock and
+    CPU) and peak memory, as a dict."""
+    device = torch.device(args.device)
+    s = build_setup(args, device)
+    step = {"a": nonprivate_step, "b": ours_step, "v": lambda s: ours_step(s, "vmap"),
+            "c": opacus_step, "g": lambda s: opacus_step(s, "g")}[args.only](s)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = peak_rss_mib()
+    for _ in range(args.warmup):
+        timed(step, sync)
+    ready()
+    times, cpu_times = [], []
+    for _ in requests:
+        wall, cpu = timed(step, sync)
+        times.append(wall)
+        cpu_times.append(cpu)
+        report(wall, cpu)
     seconds = statistics.median(times)
     result = {"method": args.only, "name": METHODS[args.only], "seconds": seconds, "times": times,
               "cpu_seconds": statistics.median(cpu_times), "cpu_times": cpu_times,
               "samples_per_s": args.batch / seconds, "peak_rss_mib": peak_rss_mib(),
               "step_rss_mib": peak_rss_mib() - before, "threads": torch.get_num_threads()}
-    if args.device == "cuda":
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2 ** 20
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return result
 
 
 def measure(args):
-    """Time one method (--only) in this process, its steps one after another: the result dict of `summary`."""
-    step, sync = stepper(args)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
-    before = peak_rss_mib()
-    times, cpu_times = [], []
-    for i in tqdm(range(args.warmup + args.repeats), desc=METHODS[args.only], leave=False):
-        wall, cpu = timed(step, sync)
-        if i >= args.warmup:
-            times.append(wall)
-            cpu_times.append(cpu)
-    return summary(args, times, cpu_times, before)
+    """Time one method (--only) in this process, args.repeats steps one after another: the dict of `timed_steps`."""
+    return timed_steps(args, tqdm(range(args.repeats), desc=METHODS[args.only], leave=False))
 
 
 def serve(args, commands, replies):
-    """Time one method (--only) on request: after set-up and warm-up write "ready"; then, for each line "step"
-    read from `commands`, take one step and write its times as JSON; at "done" write the `summary` and return."""
-    step, sync = stepper(args)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
-    before = peak_rss_mib()
-    for _ in range(args.warmup):
-        timed(step, sync)
-    times, cpu_times = [], []
-    print("ready", file=replies, flush=True)
-    for line in commands:
-        if line.strip() == "done":
-            break
-        wall, cpu = timed(step, sync)
-        times.append(wall)
-        cpu_times.append(cpu)
-        print(json.dumps({"seconds": wall, "cpu_seconds": cpu}), file=replies, flush=True)
-    print(json.dumps(summary(args, times, cpu_times, before)), file=replies, flush=True)
+    """Time one method (--only) on request: after set-up and warm-up write "ready"; then, for each line read from
+    `commands` until "done", take one step and write its times as JSON; then write the `timed_steps` dict."""
+    def say(text):
+        print(text, file=replies, flush=True)
+    requests = itertools.takewhile(lambda line: line.strip() != "done", commands)
+    result = timed_steps(args, requests, ready=lambda: say("ready"),
+                         report=lambda wall, cpu: say(json.dumps({"seconds": wall, "cpu_seconds": cpu})))
+    say(json.dumps(result))
 
 
 def child_command(args, method, *extra):
