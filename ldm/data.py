@@ -53,6 +53,8 @@ REGISTRY = {
                           "download 'Imagenet32_train_npz' from image-net.org (downsampled ImageNet) and unpack it"),
     "synthdigits": SetInfo(1, "digits", 10, "nothing (made by this project, offline, cached in --cache-dir)",
                            "made automatically"),
+    "synthsvhn": SetInfo(3, "digits", 10, "nothing (made by this project, offline, cached in --cache-dir)",
+                         "made automatically"),
     "fake": SetInfo(0, "any", 10, "nothing (random data for tests)", "made automatically"),
 }
 
@@ -271,13 +273,20 @@ def _imagenet32(data_cfg, split):
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def _synthdigits(data_cfg, split):
+def _synthdigits(data_cfg, split, style="plate"):
+    """synthdigits (plate style, grey) or synthsvhn (street style, RGB, made grey by `_to_channels` like SVHN)."""
     from ldm.synthdigits import load_synthdigits
     seed = data_cfg.synth_seed if split == "train" else data_cfg.synth_seed + 1_000_003
     n = data_cfg.synth_n if split == "train" else max(1, data_cfg.synth_n // 6)
-    x, y = load_synthdigits(data_cfg.cache_dir, n, seed, size=data_cfg.image_size)
-    return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
+    x, y = load_synthdigits(data_cfg.cache_dir, n, seed, size=data_cfg.image_size, style=style)
+    x = torch.from_numpy(x)
+    return (x if x.ndim == 4 else x.unsqueeze(1)), torch.from_numpy(y)
+
+
+def _synthsvhn(data_cfg, split):
+    return _synthdigits(data_cfg, split, style="street")
 
 
 _LOADERS = {"mnist": _mnist, "emnist-letters": _emnist_letters, "svhn": _svhn, "cifar10": _cifar10,
-            "celeba": _celeba, "imagenet32": _imagenet32, "synthdigits": _synthdigits}
+            "celeba": _celeba, "imagenet32": _imagenet32, "synthdigits": _synthdigits,
+            "synthsvhn": _synthsvhn}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces results/mnist_quick.json: the quick preset (synthdigits public -> real MNIST private, delta 1e-5),
+# Reproduces results/mnist_quick.json: the quick preset (synthdigits public -> real MNIST private, delta 1e-5;
+# --public synthdigits is pinned, the presets' public set when these rows were made),
 # downstream CNN/MLP/logreg accuracy on the real MNIST test set for four rows (public-only, DP epsilon 10,
 # DP epsilon 1, non-private fine-tuning of the same parameters), plus the epsilon-10 row at the protocol's
 # sizes (60,000 synthetic images: 50,000 train / 10,000 synthetic validation) and an epsilon-10 run with five
@@ -29,9 +30,10 @@ finetune_row() {  # name out stage flags...
   scored "$name" && return
   [ -f "$out/$stage.pt" ] && return
   from_public "$out"
-  timed "$name" $PY train.py --preset quick --stage "$stage" --data-root "$DATA" --out "$out" "$@"
+  timed "$name" $PY train.py --preset quick --public synthdigits --stage "$stage" --data-root "$DATA" --out "$out" "$@"
 }
-[ -f $OUT/pretrain.pt ] || timed public $PY train.py --preset quick --stage pretrain --data-root "$DATA" --out $OUT
+[ -f $OUT/pretrain.pt ] || timed public $PY train.py --preset quick --public synthdigits --stage pretrain \
+    --data-root "$DATA" --out $OUT
 scored eps10 && scored eps10_full || finetune_row eps10 $OUT finetune --epsilon 10 --noise-seed 0
 finetune_row eps1 runs/quick_eps1 finetune --epsilon 1 --noise-seed 0
 finetune_row nonprivate runs/quick_nonprivate finetune-nonprivate
@@ -86,15 +88,16 @@ protocol_row protocol_nonprivate_$CHOSEN $NONPRIVATE/finetune-nonprivate.pt
 CHOSEN=$CHOSEN AFTER=$AFTER $PY - "$OUT" <<'PYEOF'
 import json, os, sys
 out, rows = sys.argv[1], []
-ft = "python train.py --preset quick --stage finetune --data-root DATA --noise-seed 0"
+ft = "python train.py --preset quick --public synthdigits --stage finetune --data-root DATA --noise-seed 0"
 spec = [("public-only (no fine-tuning)", "public", None, "pretrain.pt",
-         "python train.py --preset quick --stage pretrain --data-root DATA --out runs/quick"),
+         "python train.py --preset quick --public synthdigits --stage pretrain --data-root DATA --out runs/quick"),
         ("DP fine-tuning, epsilon 10", "eps10", out, "finetune.pt", f"{ft} --out {out} --epsilon 10"),
         ("DP fine-tuning, epsilon 1", "eps1", "runs/quick_eps1", "finetune.pt",
          f"{ft} --out runs/quick_eps1 --epsilon 1"),
         ("non-private fine-tuning (same parameters; NOT DP)", "nonprivate", "runs/quick_nonprivate",
          "finetune-nonprivate.pt",
-         "python train.py --preset quick --stage finetune-nonprivate --data-root DATA --out runs/quick_nonprivate"),
+         "python train.py --preset quick --public synthdigits --stage finetune-nonprivate --data-root DATA "
+         "--out runs/quick_nonprivate"),
         ("DP fine-tuning, epsilon 10, protocol sizes (50k train / 10k val)", "eps10_full", out, "finetune.pt",
          f"{ft} --out {out} --epsilon 10"),
         ("DP fine-tuning, epsilon 10, 5 epochs", "eps10e5", "runs/quick_eps10_e5", "finetune.pt",
@@ -119,13 +122,13 @@ for label, name, run, ckpt, command in spec:
                      grid=f"results/mnist_quick/{name.split('_')[0]}.png"))
 read = lambda path: int(open(path).read()) if os.path.exists(path) else None
 chosen, final = os.environ["CHOSEN"], []
-held_out = "python train.py --preset quick --data-root DATA --tune-holdout 5000"
+held_out = "python train.py --preset quick --public synthdigits --data-root DATA --tune-holdout 5000"
 flags = lambda path: open(path).read().strip()
 specs = [(run, f"runs/tune/{run}/finetune.pt", f"results/tune_quick/{run}.seconds",
           f"{held_out} --stage finetune --out runs/tune/{run} --noise-seed 0 {flags(f'results/tune_quick/{run}.flags')}")
          for run in (f"eps10_{chosen}", f"eps1_{chosen}", *os.environ["AFTER"].split())]
 specs += [("public", f"{out}/pretrain.pt", None,
-           "python train.py --preset quick --stage pretrain --data-root DATA --out runs/quick"),
+           "python train.py --preset quick --public synthdigits --stage pretrain --data-root DATA --out runs/quick"),
           (f"nonprivate_{chosen}",
            f"runs/tune/nonprivate_{chosen}/finetune-nonprivate.pt",
            f"results/mnist_quick/protocol_nonprivate_{chosen}.seconds",

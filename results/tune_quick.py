@@ -9,8 +9,8 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMAND = ("python train.py --preset quick --stage finetune --data-root DATA --out runs/tune/{name} --noise-seed 0 "
-           "--tune-holdout {holdout} {flags}")
+COMMAND = ("python train.py --preset quick --public synthdigits --stage finetune --data-root DATA "
+           "--out runs/tune/{name} --noise-seed 0 --tune-holdout {holdout} {flags}")
 
 
 def row(name):

@@ -4,7 +4,8 @@
 # the downstream protocol trained on N_SYNTH synthetic images and tested on those held-out images
 # (evaluate.py --real-split tune). They are tuning data outside the guarantee. Run from the repository root:
 #   bash results/tune_quick.sh ../shared/data [NAME ...]      # default: every configuration below
-# The public stages are runs/quick's (train.py --preset quick --stage pretrain). Finished steps are skipped.
+# The public stages are runs/quick's (train.py --preset quick --public synthdigits --stage pretrain; synthdigits
+# pinned, the presets' public set when this search ran). Finished steps are skipped.
 # Each result lands in results/tune_quick/NAME.json; results/tune_quick.py tabulates them.
 set -euo pipefail
 DATA=${1:-../shared/data}; shift || true
@@ -41,7 +42,7 @@ for name in "${ORDER[@]}"; do
   if [ ! -f $run/finetune.pt ] || ! $PY -c "import json,sys; sys.exit(0 if json.load(open('$run/privacy_report.json'))['steps'] else 1)" 2>/dev/null; then
     t0=$(date +%s)
     resume=""; [ -f $run/finetune.pt ] && resume=--resume
-    $PY train.py --preset quick --stage finetune --data-root "$DATA" --out $run --noise-seed 0 \
+    $PY train.py --preset quick --public synthdigits --stage finetune --data-root "$DATA" --out $run --noise-seed 0 \
         --tune-holdout $HOLDOUT $flags $resume
     echo $(( $(date +%s) - t0 )) > $R/$name.seconds
   fi

@@ -1,4 +1,5 @@
-"""Evaluation (`evaluate.py` and `metrics/`): the Frechet distance against direct float64 computations, the FID
+"""Evaluation (`ldm/evaluate.py`, run as `evaluate.py` or `python -m ldm.evaluate`, and `metrics/`): the Frechet
+distance against direct float64 computations, the FID
 Inception network's structure and strict loading (and, with pytorch-fid installed, its features against pytorch-fid's),
 every form of synthetic input through the command (same numbers; the forms themselves: tests/test_synthetic_input.py),
 model selection on synthetic data only, the digit feature network's cache, the command's
@@ -18,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionE
 
-import evaluate
 from conftest import MNIST_TEST_IMAGES, ROOT, SHARED_DATA
+from ldm import evaluate
 from ldm.config import DataConfig
 from ldm.data import load_dataset, make_fake
 from ldm.errors import UserError
@@ -425,3 +426,22 @@ def test_command_on_mnist_prints_one_json_object(tmp_path):
     for name in ("logreg", "mlp"):
         r = result["accuracy"][name]
         assert r["test_accuracy"] > 0.6 and 1 <= r["epoch"] <= 3  # chance is 0.1
+
+
+def test_module_name_runs_the_same_command(tmp_path):
+    """`python -m ldm.evaluate` (the name the README's protocol uses) is the command evaluate.py runs: the same
+    usage (also started outside the repository, with ROOT on PYTHONPATH), and a bad input gets one `error:` line
+    naming it and exit status 2."""
+    missing = str(tmp_path / "missing.npz")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+    def run(cmd, cwd):
+        p = subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+        return p.returncode, p.stdout, p.stderr
+
+    script_help = run([os.path.join(ROOT, "evaluate.py"), "--help"], ROOT)
+    assert script_help[0] == 0 and script_help[1].startswith("usage: python evaluate.py")
+    assert run(["-m", "ldm.evaluate", "--help"], str(tmp_path)) == script_help
+    rc, out, err = run(["-m", "ldm.evaluate", "--synthetic", missing, "--real", "fake", "--data-root", str(tmp_path)],
+                       ROOT)
+    assert (rc, out) == (2, "") and err.startswith("error: ") and err.count("\n") == 1 and "missing.npz" in err

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluate
 from conftest import MNIST_TEST_IMAGES, SHARED_DATA
 from ldm import data as ldm_data
+from ldm import evaluate
 from ldm.config import DataConfig
 from ldm.data import load_dataset, make_fake
 from ldm.errors import UserError
