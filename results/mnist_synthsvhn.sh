@@ -53,7 +53,8 @@ for name in ("public", "eps10", "eps1", "nonprivate"):
     rows.append(dict(row=name, differentially_private=bool(report),
                      command=read(f"{R}/{name}.command", str) or "python train.py --preset quick --public synthsvhn "
                      "--data-root DATA --out runs/synthsvhn --noise-seed 0  # its pretrain.pt",
-                     **{k: report.get(k) for k in ("epsilon", "delta", "sigma", "steps", "n_private")},
+                     **{k: report.get(k) for k in ("epsilon", "epsilon_rdp_crosscheck", "delta", "sigma", "steps",
+                                                   "n_private")},
                      finetune_seconds=read(f"{R}/{name}.finetune.seconds"),
                      sample_seconds=read(f"{R}/{name}.sample.seconds"), eval_seconds=read(f"{R}/{name}.eval.seconds"),
                      accuracy={k: v["test_accuracy"] for k, v in e["accuracy"].items()},

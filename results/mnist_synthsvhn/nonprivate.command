@@ -1,0 +1,1 @@
+python train.py --preset laptop --public synthsvhn --data-root DATA --out runs/synthsvhn_nonprivate --stage finetune-nonprivate
