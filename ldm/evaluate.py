@@ -12,9 +12,9 @@ states how layout and value range are decided, and what is refused. Prints one J
 stdout; progress on stderr.
 
 Evaluation size (`--eval-size`; default the real set's native side: 28 for mnist and emnist-letters, 32 for svhn,
-cifar10 and imagenet32, and 32 for the sets without one: celeba, synthdigits, fake). The real images are loaded at
-that size by ldm/data.py (MNIST at 28 is the original digits, untouched); the synthetic images are brought to it by
-one rule (larger ones by the least-squares inverse of ldm/data.py's resize, smaller ones by that resize:
+cifar10 and imagenet32, and 32 for the sets without one: celeba, synthdigits, synthsvhn, fake). The real images are
+loaded at that size by ldm/data.py (MNIST at 28 is the original digits, untouched); the synthetic images are brought
+to it by one rule (larger ones by the least-squares inverse of ldm/data.py's resize, smaller ones by that resize:
 `metrics/synthetic.py`). So this project's 32x32 samples are evaluated at 28x28 for MNIST, as DPDM and DPImageBench
 evaluate MNIST. `--eval-size 32` evaluates as earlier versions did, at the experiment's size.
 

@@ -1,9 +1,8 @@
 """Evaluation (`ldm/evaluate.py`, run as `evaluate.py` or `python -m ldm.evaluate`, and `metrics/`): the Frechet
-distance against direct float64 computations, the FID
-Inception network's structure and strict loading (and, with pytorch-fid installed, its features against pytorch-fid's),
-every form of synthetic input through the command (same numbers; the forms themselves: tests/test_synthetic_input.py),
-model selection on synthetic data only, the digit feature network's cache, the command's
-one-line output and its paths (never absolute, in results/ too)."""
+distance against direct float64 computations, the FID Inception network's structure and strict loading (and, with
+pytorch-fid installed, its features against pytorch-fid's), every form of synthetic input through the command (same
+numbers; the forms themselves: tests/test_synthetic_input.py), model selection on synthetic data only, the digit
+feature network's cache, the command's one-line output and its paths (never absolute, in results/ too)."""
 
 import glob
 import json
