@@ -15,10 +15,8 @@ declare -A ROW_FLAGS=(
   [eps10]="--stage finetune --epsilon 10 --noise-seed 0 --lr 5e-4 --clip 1e-2"
   [eps1]="--stage finetune --epsilon 1 --noise-seed 0 --lr 5e-4 --clip 1e-2"
   [nonprivate]="--stage finetune-nonprivate --lr 5e-4"
-  # ten DP epochs, lr 1e-3, C 0.1 (2026-12-03): results/tune_synthsvhn's eps10_e10_lr1e-3_C1e-1
-  [eps10_e10]="--stage finetune --epsilon 10 --noise-seed 0 --epochs 10 --lr 1e-3 --clip 1e-1"
 )
-ALL_ROWS="public eps10 eps1 nonprivate eps10_e10"
+ALL_ROWS="public eps10 eps1 nonprivate"
 ROWS=${*:2}
 ROWS=${ROWS:-$ALL_ROWS}
 PY=.venv/bin/python
