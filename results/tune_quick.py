@@ -30,8 +30,10 @@ def row(public, name):
     return dict(name=name, flags=flags, epsilon=report["epsilon"], sigma=report["sigma"], steps=report["steps"],
                 expected_batch=report["expected_batch"], n_private=report["n_private"],
                 finetune_minutes=None if seconds is None else round(seconds / 60, 1),
-                tune_cnn_accuracy=ev["accuracy"]["cnn"]["test_accuracy"], n_synthetic=ev["n_synthetic"],
-                holdout=holdout, command=COMMAND.format(public=public, runs=runs, name=name, holdout=holdout, flags=flags))
+                tune_cnn_accuracy=ev["accuracy"]["cnn"]["test_accuracy"],
+                synthetic_val_cnn_accuracy=ev["accuracy"]["cnn"]["val_accuracy_synthetic"],
+                n_synthetic=ev["n_synthetic"], holdout=holdout,
+                command=COMMAND.format(public=public, runs=runs, name=name, holdout=holdout, flags=flags))
 
 
 def main(public="synthdigits"):
@@ -40,11 +42,12 @@ def main(public="synthdigits"):
     results = SEARCHES[public][0]
     names = sorted(os.path.basename(p)[:-len(".flags")] for p in glob.glob(os.path.join(HERE, results, "*.flags")))
     rows = [r for r in (row(public, name) for name in names) if r]
-    lines = ["| configuration | flags | T | sigma | epsilon | fine-tuning min | CNN acc. on tuning split |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | flags | T | sigma | epsilon | fine-tuning min | CNN acc. on tuning split "
+             "| CNN on synthetic val |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["tune_cnn_accuracy"], reverse=True):
         lines.append(f"| {r['name']} | `{r['flags']}` | {r['steps']} | {r['sigma']:.3f} | {r['epsilon']:.2f} | "
-                     f"{r['finetune_minutes']} | {100 * r['tune_cnn_accuracy']:.1f}% |")
+                     f"{r['finetune_minutes']} | {100 * r['tune_cnn_accuracy']:.1f}% "
+                     f"| {100 * r['synthetic_val_cnn_accuracy']:.1f}% |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(HERE, results + ".md"), "w") as f:
         f.write(text)
