@@ -3,6 +3,9 @@ split (the last HOLDOUT MNIST training images, never in the private set), never 
 
     python results/tune_quick.py            # writes results/tune_quick.md and prints it
     python results/tune_quick.py synthsvhn  # PUBLIC_SET=synthsvhn's search: results/tune_synthsvhn.md
+    python results/tune_quick.py synthsvhn_p6k
+
+The configuration `public` is the public stages alone (no fine-tuning): the public-only row on the tuning split.
 """
 
 import glob
@@ -11,19 +14,25 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# public set -> (results name, run folders) as in results/tune_quick.sh
-SEARCHES = {"synthdigits": ("tune_quick", "runs/tune"), "synthsvhn": ("tune_synthsvhn", "runs/tune_synthsvhn")}
-COMMAND = ("python train.py --preset quick --public {public} --stage finetune --data-root DATA "
+# PUBLIC_SET -> (results name, run folders, the public stages' flags) as in results/tune_quick.sh
+SEARCHES = {"synthdigits": ("tune_quick", "runs/tune", "--public synthdigits"),
+            "synthsvhn": ("tune_synthsvhn", "runs/tune_synthsvhn", "--public synthsvhn"),
+            "synthsvhn_p6k": ("tune_synthsvhn_p6k", "runs/tune_synthsvhn_p6k",
+                              "--public synthsvhn --pretrain-steps 6000")}
+COMMAND = ("python train.py --preset quick {public_flags} --stage finetune --data-root DATA "
            "--out {runs}/{name} --noise-seed 0 --tune-holdout {holdout} {flags}")
+PUBLIC_COMMAND = "PUBLIC_SET={public} bash results/tune_quick.sh DATA public  # samples its pretrain.pt"
 
 
 def row(public, name):
     """One configuration's figures, or None while it has not been scored."""
-    results, runs = SEARCHES[public]
+    results, runs, public_flags = SEARCHES[public]
     base = os.path.join(HERE, results, name)
     if not os.path.exists(base + ".json"):
         return None
-    ev, report = json.load(open(base + ".json")), json.load(open(base + ".privacy_report.json"))
+    ev = json.load(open(base + ".json"))
+    report = json.load(open(base + ".privacy_report.json")) if name != "public" else dict.fromkeys(
+        ("epsilon", "sigma", "steps", "expected_batch", "n_private"))
     flags = open(base + ".flags").read().strip()
     seconds = int(open(base + ".seconds").read()) if os.path.exists(base + ".seconds") else None
     holdout = ev["n_real_test"]
@@ -33,7 +42,8 @@ def row(public, name):
                 tune_cnn_accuracy=ev["accuracy"]["cnn"]["test_accuracy"],
                 synthetic_val_cnn_accuracy=ev["accuracy"]["cnn"]["val_accuracy_synthetic"],
                 n_synthetic=ev["n_synthetic"], holdout=holdout,
-                command=COMMAND.format(public=public, runs=runs, name=name, holdout=holdout, flags=flags))
+                command=PUBLIC_COMMAND.format(public=public) if name == "public" else COMMAND.format(
+                    public_flags=public_flags, runs=runs, name=name, holdout=holdout, flags=flags))
 
 
 def main(public="synthdigits"):
@@ -45,8 +55,9 @@ def main(public="synthdigits"):
     lines = ["| configuration | flags | T | sigma | epsilon | fine-tuning min | CNN acc. on tuning split "
              "| CNN on synthetic val |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["tune_cnn_accuracy"], reverse=True):
-        lines.append(f"| {r['name']} | `{r['flags']}` | {r['steps']} | {r['sigma']:.3f} | {r['epsilon']:.2f} | "
-                     f"{r['finetune_minutes']} | {100 * r['tune_cnn_accuracy']:.1f}% "
+        dp = ("-", "-", "-") if r["steps"] is None else (r["steps"], f"{r['sigma']:.3f}", f"{r['epsilon']:.2f}")
+        lines.append(f"| {r['name']} | `{r['flags'] or 'no fine-tuning'}` | {' | '.join(map(str, dp))} | "
+                     f"{r['finetune_minutes'] or '-'} | {100 * r['tune_cnn_accuracy']:.1f}% "
                      f"| {100 * r['synthetic_val_cnn_accuracy']:.1f}% |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(HERE, results + ".md"), "w") as f:

@@ -156,6 +156,36 @@ def test_resume_continues_at_the_same_step_with_the_same_rng_stream(run_dir, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_raising_pretrain_steps_on_resume_trains_on_to_a_fresh_run_of_that_length(run_dir, tmp_path):
+    """A finished 10-step pretraining resumed with --pretrain-steps 20 equals a straight 20-step run bit for bit
+    (constant learning rate, saved optimiser, EMA and generator); fewer steps than it ran are refused, and the
+    autoencoder's step count (and every other field) still may not change."""
+    base = {"ae_steps": 20, "ckpt_every": 10, "log_every": 5}
+    straight, extended = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (straight, extended):
+        os.makedirs(out)
+        os.link(os.path.join(run_dir, "autoencoder.pt"), os.path.join(out, "autoencoder.pt"))
+    cpu = torch.device("cpu")
+    train_pretrain(make_config("smoke", {**base, "pretrain_steps": 20}), straight, cpu, False,
+                   MetricsLog(os.path.join(straight, "m.jsonl")))
+    train_pretrain(make_config("smoke", {**base, "pretrain_steps": 10}), extended, cpu, False,
+                   MetricsLog(os.path.join(extended, "m.jsonl")))
+    assert load_checkpoint(os.path.join(extended, "pretrain.pt"))[0]["done"]
+    with pytest.raises(UserError, match="--pretrain-steps 5 is below that: allowed is at least 10"):
+        train_pretrain(make_config("smoke", {**base, "pretrain_steps": 5}), extended, cpu, True,
+                       MetricsLog(os.path.join(extended, "m.jsonl")))
+    train_pretrain(make_config("smoke", {**base, "pretrain_steps": 20}), extended, cpu, True,
+                   MetricsLog(os.path.join(extended, "m.jsonl")))
+    state, stored = load_checkpoint(os.path.join(extended, "pretrain.pt"))
+    assert state["done"] and state["step"] == 20 and stored.pretrain.pretrain_steps == 20
+    for key in ("unet", "ema"):
+        a, b = stage_weights(straight, "pretrain", key), stage_weights(extended, "pretrain", key)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="--ae-steps 20 \\(stored\\) vs 40"):
+        train_autoencoder(make_config("smoke", {**base, "ae_steps": 40}), run_dir, cpu, True,
+                          MetricsLog(os.path.join(extended, "m.jsonl")))
+
+
 def run_cli(capsys, *argv):
     code = train.main(list(argv))
     err = capsys.readouterr().err.strip().splitlines()
