@@ -3,7 +3,7 @@ split (the last HOLDOUT MNIST training images, never in the private set), never 
 
     python results/tune_quick.py            # writes results/tune_quick.md and prints it
     python results/tune_quick.py synthsvhn  # PUBLIC_SET=synthsvhn's search: results/tune_synthsvhn.md
-    python results/tune_quick.py synthsvhn_p6k
+    python results/tune_quick.py synthsvhn_p6k  # and synthsvhn_p9k
 
 The configuration `public` is the public stages alone (no fine-tuning): the public-only row on the tuning split.
 """
@@ -18,7 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEARCHES = {"synthdigits": ("tune_quick", "runs/tune", "--public synthdigits"),
             "synthsvhn": ("tune_synthsvhn", "runs/tune_synthsvhn", "--public synthsvhn"),
             "synthsvhn_p6k": ("tune_synthsvhn_p6k", "runs/tune_synthsvhn_p6k",
-                              "--public synthsvhn --pretrain-steps 6000")}
+                              "--public synthsvhn --pretrain-steps 6000"),
+            "synthsvhn_p9k": ("tune_synthsvhn_p9k", "runs/tune_synthsvhn_p9k",
+                              "--public synthsvhn --pretrain-steps 9000")}
 COMMAND = ("python train.py --preset quick {public_flags} --stage finetune --data-root DATA "
            "--out {runs}/{name} --noise-seed 0 --tune-holdout {holdout} {flags}")
 PUBLIC_COMMAND = "PUBLIC_SET={public} bash results/tune_quick.sh DATA public  # samples its pretrain.pt"

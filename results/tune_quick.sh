@@ -8,9 +8,9 @@
 # PUBLIC_SET (default synthdigits, the presets' public set when this search first ran) names the public stages:
 # runs/quick's for synthdigits (train.py --preset quick --public synthdigits --stage pretrain), runs/synthsvhn's for
 # synthsvhn and runs/synthsvhn_p6k's for synthsvhn_p6k, the same trained on to 6,000 pretraining steps
-# (results/mnist_synthsvhn.sh makes both). NAME `public` scores the public stages alone, without fine-tuning.
+# (results/mnist_synthsvhn.sh makes both; PRETRAIN=9000 makes runs/synthsvhn_p9k, trained on to 9,000). NAME `public` scores the public stages alone, without fine-tuning.
 # Finished steps are skipped. Each result lands in results/tune_quick/NAME.json (synthsvhn: results/tune_synthsvhn/,
-# synthsvhn_p6k: results/tune_synthsvhn_p6k/); results/tune_quick.py tabulates them.
+# synthsvhn_p6k: results/tune_synthsvhn_p6k/, and so on); results/tune_quick.py tabulates them.
 set -euo pipefail
 DATA=${1:-../shared/data}; shift || true
 HOLDOUT=${HOLDOUT:-5000}
@@ -25,7 +25,10 @@ case $PUBLIC_SET in
   # twice the pretraining steps (6,000) on synthsvhn: results/mnist_synthsvhn.sh's PRETRAIN=6000 makes the stages
   synthsvhn_p6k) PUBLIC=runs/synthsvhn_p6k; R=results/tune_synthsvhn_p6k; RUNS=runs/tune_synthsvhn_p6k
                  PUBLIC_FLAGS="--public synthsvhn --pretrain-steps 6000" ;;
-  *) echo "PUBLIC_SET=$PUBLIC_SET is not allowed; allowed: synthdigits synthsvhn synthsvhn_p6k" >&2; exit 2 ;;
+  synthsvhn_p9k) PUBLIC=runs/synthsvhn_p9k; R=results/tune_synthsvhn_p9k; RUNS=runs/tune_synthsvhn_p9k  # 9,000 steps
+                 PUBLIC_FLAGS="--public synthsvhn --pretrain-steps 9000" ;;
+  *) echo "PUBLIC_SET=$PUBLIC_SET is not allowed; allowed: synthdigits synthsvhn synthsvhn_p6k synthsvhn_p9k" >&2
+     exit 2 ;;
 esac
 declare -A FLAGS=(
   [eps10_e1]="--epsilon 10 --epochs 1"

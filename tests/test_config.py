@@ -209,12 +209,14 @@ def test_config_json_written_by_train_runs_again(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_laptop_is_quick_with_more_dp_epochs_and_trains_quicks_public_stages_on():
+def test_laptop_is_quick_with_its_tuned_dp_settings_and_trains_quicks_public_stages_on():
     from ldm.run_folder import EXTENDABLE, STAGE_COMPONENTS, check_compatible
     quick, laptop = config_to_dict(make_config("quick")), config_to_dict(make_config("laptop"))
     differ = {(c, k) for c in COMPONENTS for k in quick[c] if quick[c][k] != laptop[c][k]}
-    assert differ == {("pretrain", "pretrain_steps"), ("dp", "epochs"), ("dp", "tune_holdout")}
+    assert differ == {("pretrain", "pretrain_steps"), ("dp", "epochs"), ("dp", "tune_holdout"), ("dp", "lr"),
+                      ("dp", "clip")}
     assert laptop["dp"]["epochs"] > quick["dp"]["epochs"] and laptop["dp"]["tune_holdout"] == 5000
+    assert (laptop["dp"]["lr"], laptop["dp"]["clip"]) == (1e-3, 1e-1)  # results/tune_synthsvhn_p6k.md's best
     # quick's autoencoder.pt loads in a laptop run; its pretrain.pt differs only in the one step count that
     # --resume may raise, and laptop raises it
     check_compatible(make_config("quick"), make_config("laptop"), "autoencoder", "runs/quick/autoencoder.pt")

@@ -81,10 +81,21 @@ def test_dp_checkpoint_npz_and_card_carry_its_privacy_report(dp_ckpt, run_dir, t
     assert meta["accountant"] == report["accountant"] and meta["privacy_report"] == report
     assert (meta["private_set"], meta["public_set"], meta["preset"]) == ("fake", "fake", "smoke")
     assert meta["checkpoint"] == "finetune.pt" and meta["checkpoint_step"] == report["steps"]
+    assert meta["checkpoint_finished"] is True
     assert meta["sampling"] == dict(sampler="ddim", steps=2, eta=0.5, seed=0, n=6, labels=list(range(10)),
                                     batch_size=256, device="cpu")
     assert meta["created_by"] == "dp-ldm sample.py" and "post-processing" in meta["post_processing"]
     assert meta["warning"] is None
+
+
+def test_an_unfinished_checkpoint_is_sampled_with_a_warning_and_labelled_unfinished(dp_ckpt, tmp_path, capsys):
+    state, _ = load_checkpoint(dp_ckpt)
+    cut = str(tmp_path / "finetune.pt")
+    save_checkpoint(cut, dict(state, done=False))  # as a run killed after its last periodic checkpoint leaves it
+    out = str(tmp_path / "cut.npz")
+    assert sample.main(["--ckpt", cut, *QUICK, "--out", out]) == 0
+    assert "is not finished (step" in capsys.readouterr().err
+    assert npz_metadata(out)["checkpoint_finished"] is False and card(out)["checkpoint_finished"] is False
 
 
 def test_npz_loads_without_pickle_and_x_y_are_the_samples(run_dir, tmp_path):

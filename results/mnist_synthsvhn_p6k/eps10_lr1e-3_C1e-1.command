@@ -1,0 +1,1 @@
+python train.py --preset laptop --public synthsvhn --pretrain-steps 6000 --data-root DATA --out runs/synthsvhn_p6k_eps10_lr1e-3_C1e-1 --stage finetune --epsilon 10 --noise-seed 0 --lr 1e-3 --clip 1e-1  # the model is the tuning run's: PUBLIC_SET=synthsvhn_p6k bash results/tune_quick.sh DATA eps10_e5_lr1e-3_C1e-1, the same configuration
