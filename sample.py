@@ -76,7 +76,7 @@ def load_model(path, device):
         raise UserError(f"{path} holds stage {state.get('stage')!r}; sampling needs a pretrain or finetune checkpoint")
     if state.get("differentially_private") is False:
         print(f"warning: {path}: {state['warning']}", file=sys.stderr)
-    if not state["done"]:  # a run cut short: its samples are of the model at that step (labelled with it)
+    if state.get("done") is not True:  # a run cut short: its samples are of the model at that step (labelled with it)
         print(f"warning: {path} is not finished (step {state['step']}); its samples are of that step's model. "
               f"Finish it with train.py --stage {state['stage']} --resume", file=sys.stderr)
     return cfg, state, trained_autoencoder(state, cfg, path, device), trained_unet(state, cfg, path, device).eval()
@@ -155,7 +155,7 @@ def provenance(args, state, cfg, out_name, sampling):
         **privacy_facts(args.ckpt, state, cfg),
         post_processing=POST_PROCESSING, public_set=cfg.data.public, preset=cfg.preset,
         checkpoint=os.path.basename(args.ckpt), checkpoint_step=state["step"],
-        checkpoint_finished=bool(state["done"]), checkpoint_sha256=sha256_of(args.ckpt),
+        checkpoint_finished=state.get("done") is True, checkpoint_sha256=sha256_of(args.ckpt),
         sampling=sampling)
 
 

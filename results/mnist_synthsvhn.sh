@@ -22,7 +22,6 @@ declare -A ROW_FLAGS=(
   [eps10]="--stage finetune --epsilon 10 --noise-seed 0 --lr 5e-4 --clip 1e-2"
   [eps1]="--stage finetune --epsilon 1 --noise-seed 0 --lr 5e-4 --clip 1e-2"
   [nonprivate]="--stage finetune-nonprivate --lr 5e-4"
-  # results/tune_quick.sh's eps10_e5_lr1e-3_C1e-1, reported only where it beat eps10 on the tuning split
   # lr 1e-3, C 0.1: chosen on the tuning split with synthsvhn and 6,000 pretraining steps (laptop since 2026-12-03):
   # results/tune_quick.sh's eps10_e5_lr1e-3_C1e-1 beat eps10_e5 there; epsilon 1 with the settings chosen at 10
   [eps10_lr1e-3_C1e-1]="--stage finetune --epsilon 10 --noise-seed 0 --lr 1e-3 --clip 1e-1"
@@ -46,7 +45,9 @@ mkdir -p $R
 timed() { local name=$1; shift; local t0=$(date +%s); "$@"; echo $(( $(date +%s) - t0 )) > "$R/$name.seconds"; }
 [ -f runs/synthsvhn/pretrain.pt ] || { mkdir -p results/mnist_synthsvhn && R=results/mnist_synthsvhn timed quick_all \
     $PY train.py --preset quick --public synthsvhn --data-root "$DATA" --out runs/synthsvhn --noise-seed 0; }
-finished() { $PY -c "import torch,sys; sys.exit(0 if torch.load('$1', weights_only=False)['done'] else 1)" 2>/dev/null; }
+finished() {  # checkpoint $1 exists and its stage ran to its end
+  $PY -c "import torch,sys; sys.exit(0 if torch.load('$1', weights_only=False)['done'] else 1)" 2>/dev/null
+}
 [ $PRETRAIN = 9000 ] && ! finished $FROM/pretrain.pt && { echo "PRETRAIN=9000 trains on from $FROM: run" \
     "PRETRAIN=6000 first" >&2; exit 2; }
 if [ $PRETRAIN != 3000 ] && ! finished $PUB/pretrain.pt; then  # trained on from FROM: what a fresh run of that

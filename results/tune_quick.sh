@@ -8,7 +8,8 @@
 # PUBLIC_SET (default synthdigits, the presets' public set when this search first ran) names the public stages:
 # runs/quick's for synthdigits (train.py --preset quick --public synthdigits --stage pretrain), runs/synthsvhn's for
 # synthsvhn and runs/synthsvhn_p6k's for synthsvhn_p6k, the same trained on to 6,000 pretraining steps
-# (results/mnist_synthsvhn.sh makes both; PRETRAIN=9000 makes runs/synthsvhn_p9k, trained on to 9,000). NAME `public` scores the public stages alone, without fine-tuning.
+# (results/mnist_synthsvhn.sh makes both; PRETRAIN=9000 makes runs/synthsvhn_p9k, trained on to 9,000). NAME
+# `public` scores the public stages alone, without fine-tuning.
 # Finished steps are skipped. Each result lands in results/tune_quick/NAME.json (synthsvhn: results/tune_synthsvhn/,
 # synthsvhn_p6k: results/tune_synthsvhn_p6k/, and so on); results/tune_quick.py tabulates them.
 set -euo pipefail
