@@ -30,8 +30,9 @@ Canaries (`--canary`):
          of the trainable attention parameters, passed as `extra` to `private_gradient` after the vmap
          path's `clip_and_noise` clipped it to C, in one run of --steps steps (default: the configuration's)
          with the real examples. The coordinates are drawn (seeded) among those that no data can reach:
-         cross-attention to one context token has a constant softmax, so its to_q, to_k and the norm2 before
-         it get exactly zero gradient (`untouched_coordinates`). The score then sees only the canary and the
+         cross-attention to one context token has a constant softmax, so the forward never calls its to_q,
+         to_k and the norm2 before it (ldm/attention.py `Attention.one_key`), whose gradient is exactly zero
+         (`untouched_coordinates`). The score then sees only the canary and the
          mechanism's noise. Score: the sum over steps of the noisy gradient at the canary's coordinate, in
          units of one clipped canary (C / (q N)): the DP output the optimiser receives (with AdamW the
          parameter change is a nonlinear function of it, so the audit scores the released gradient).

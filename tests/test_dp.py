@@ -66,6 +66,14 @@ def small_unet():
     return unet
 
 
+def one_example_grads(unet, d, params, z0, y, t, noise, i):
+    """{name: gradient of example i's loss alone} by plain autograd (batch size 1); zeros for a parameter the
+    forward never used (attn2's to_q, to_k and norm2: one context token, ldm/attention.py `Attention.one_key`)."""
+    unet.zero_grad(set_to_none=True)
+    d.loss_per_example(unet, z0[i:i + 1], y[i:i + 1], t[i:i + 1], noise[i:i + 1]).sum().backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+
 def test_per_sample_gradients_equal_batch_size_one_loop():
     unet, d = small_unet(), Diffusion()
     params = select_parameters(unet, "all")
@@ -74,22 +82,19 @@ def test_per_sample_gradients_equal_batch_size_one_loop():
     t, noise = d.draw(z0, g)
     batched = per_sample_grads(unet, d, params, z0, y, t, noise)
     for i in range(5):
-        unet.zero_grad()
-        d.loss_per_example(unet, z0[i:i + 1], y[i:i + 1], t[i:i + 1], noise[i:i + 1]).sum().backward()
-        for name, p in params.items():
-            torch.testing.assert_close(batched[name][i], p.grad, rtol=1e-4, atol=1e-6)
+        for name, grad in one_example_grads(unet, d, params, z0, y, t, noise, i).items():
+            torch.testing.assert_close(batched[name][i], grad, rtol=1e-4, atol=1e-6)
 
 
 def naive_clipped_sum(unet, d, params, z0, y, t, noise, clip):
     """Sum over examples of min(1, C / ||g_i||) g_i from a batch-size-1 loop."""
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for i in range(len(y)):
-        unet.zero_grad()
-        d.loss_per_example(unet, z0[i:i + 1], y[i:i + 1], t[i:i + 1], noise[i:i + 1]).sum().backward()
-        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values()))
+        grads = one_example_grads(unet, d, params, z0, y, t, noise, i)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
         factor = min(1.0, clip / (norm.item() + 1e-6))
-        for n, p in params.items():
-            total[n] += factor * p.grad
+        for n, g in grads.items():
+            total[n] += factor * g
     return total
 
 

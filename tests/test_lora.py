@@ -28,7 +28,8 @@ from ldm.errors import UserError
 from ldm.metrics_log import MetricsLog
 from ldm.run_folder import trained_unet
 from test_bookkeeping import assert_same_sum, batch
-from test_dp import BASE, finetune, fresh_run, naive_clipped_sum, pretrained  # noqa: F401 - the module fixture
+from test_dp import (BASE, finetune, fresh_run, naive_clipped_sum, one_example_grads,  # noqa: F401 - the fixture
+                     pretrained)
 
 FLAGS = ["--preset", "smoke", "--ae-steps", "10", "--pretrain-steps", "10", "--ckpt-every", "4", "--log-every", "4"]
 RANK = 4
@@ -66,11 +67,9 @@ def test_per_sample_gradients_of_the_factors_equal_a_batch_size_one_loop():
     z0, y, t, noise = batch("smoke", 4)
     batched = per_sample_grads(unet, d, params, z0, y, t, noise)
     for i in range(4):
-        unet.zero_grad()
-        d.loss_per_example(unet, z0[i:i + 1], y[i:i + 1], t[i:i + 1], noise[i:i + 1]).sum().backward()
-        for name, p in params.items():
-            torch.testing.assert_close(batched[name][i], p.grad, rtol=1e-4, atol=1e-6)
-            assert "attn1." not in name or p.grad.any(), name  # (attn2's to_q, to_k: one token, no gradient)
+        for name, grad in one_example_grads(unet, d, params, z0, y, t, noise, i).items():
+            torch.testing.assert_close(batched[name][i], grad, rtol=1e-4, atol=1e-6)
+            assert "attn1." not in name or grad.any(), name  # (attn2's to_q, to_k: one token, no gradient)
 
 
 @pytest.mark.parametrize("spec,embed", [("all", True), ("decoder", False)])

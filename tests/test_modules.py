@@ -13,8 +13,8 @@ def grads_flow(module, out, structurally_zero=None):
     """Backpropagate mean(out^2) and check every parameter of `module` got a usable gradient from it.
 
     Fails when a gradient is None, not finite or all zero. `structurally_zero` maps the name of each parameter whose
-    gradient is zero by construction to the reason; those gradients must then be exactly zero (an exemption that no
-    longer holds fails too), so nothing is skipped silently.
+    gradient is zero by construction to the reason; those gradients must then be exactly zero or absent (None: the
+    forward never used the parameter; an exemption that no longer holds fails too), so nothing is skipped silently.
     """
     structurally_zero = structurally_zero or {}
     params = dict(module.named_parameters())
@@ -22,11 +22,11 @@ def grads_flow(module, out, structurally_zero=None):
     assert not unknown, f"exemptions that name no parameter: {unknown}"
     module.zero_grad(set_to_none=True)
     out.square().mean().backward()
-    missing = [n for n, p in params.items() if p.grad is None]
+    missing = [n for n, p in params.items() if p.grad is None and n not in structurally_zero]
     assert not missing, f"no gradient reached {missing}"
-    not_finite = [n for n, p in params.items() if not torch.isfinite(p.grad).all()]
+    not_finite = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not not_finite, f"non-finite gradient in {not_finite}"
-    zero = {n for n, p in params.items() if not p.grad.any()}
+    zero = {n for n, p in params.items() if p.grad is None or not p.grad.any()}
     unexplained = sorted(zero - set(structurally_zero))
     assert not unexplained, f"all-zero gradient in {unexplained}"
     stale = {n: structurally_zero[n] for n in sorted(set(structurally_zero) - zero)}
@@ -34,8 +34,8 @@ def grads_flow(module, out, structurally_zero=None):
 
 
 BEFORE_ZERO_CONV = "residual path before a ResBlock's zero-initialised conv2, whose zero weight passes back no gradient"
-SINGLE_TOKEN = ("cross-attention to one context token: its softmax is identically 1 whatever q and k, so the query "
-                "and key weights and the LayerNorm before them get no gradient")
+SINGLE_TOKEN = ("cross-attention to one context token: its softmax is identically 1 whatever q and k, so the forward "
+                "never calls the query and key weights or the LayerNorm before them (Attention.one_key)")
 
 
 def before_zero_conv(module):
@@ -108,6 +108,35 @@ def test_attention_matches_reference_softmax():
         w = torch.softmax(q[0, :, s] @ k[0, :, s].T / 2.0, dim=-1)
         heads.append(w @ v[0, :, s])
     assert torch.allclose(att(x)[0], att.to_out(torch.cat(heads, -1)), atol=1e-6)
+
+
+def test_one_key_is_attention_to_a_single_context_token_whatever_the_queries():
+    torch.manual_seed(0)
+    att = Attention(8, 2, context_dim=5)
+    ctx = torch.randn(3, 1, 5)
+    for x in (torch.randn(3, 10, 8), 100 * torch.randn(3, 10, 8)):
+        assert torch.allclose(att(x, ctx), att.one_key(ctx).expand(3, 10, 8), atol=1e-6)
+
+
+def test_spatial_transformer_takes_the_one_key_path_for_one_token_with_the_same_output():
+    """Two copies of the class token take the general path (softmax 1/2 each over equal values): the same output
+    and the same gradients of every parameter as the one-token path, which never calls to_q, to_k or norm2."""
+    torch.manual_seed(0)
+    st = SpatialTransformer(8, 2, 6)
+    torch.nn.init.normal_(st.proj_out.weight, std=0.05)
+    x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 1, 6)
+    grads = {}
+    for name, context in (("one", ctx), ("two", ctx.repeat(1, 2, 1))):
+        st.zero_grad(set_to_none=True)
+        out = st(x, context)
+        out.square().sum().backward()
+        grads[name] = (out.detach(), {n: p.grad for n, p in st.named_parameters()})
+    assert torch.allclose(grads["one"][0], grads["two"][0], atol=1e-6)
+    skipped = {n for n, g in grads["one"][1].items() if g is None}
+    assert skipped == {"attn2.to_q.weight", "attn2.to_k.weight", "norm2.weight", "norm2.bias"}
+    for n, g in grads["two"][1].items():
+        want = torch.zeros_like(g) if n in skipped else grads["one"][1][n]
+        assert torch.allclose(g, want, atol=1e-6), n
 
 
 def test_spatial_transformer_is_identity_at_init_and_gets_gradients():
