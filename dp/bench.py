@@ -61,6 +61,7 @@ import torch
 from tqdm import tqdm
 
 from dp.per_sample import per_sample_grads
+from dp.phases import phase
 from dp.randomness import seeded_secret
 from dp.select import selection_size
 from dp.sensitivity import random_task
@@ -109,10 +110,16 @@ def nonprivate_step(s):
     """(a) One batch, one backward of the mean loss, one optimiser step."""
     opt = make_optimizer(s.cfg.dp, s.task.params)
 
-    def step():
-        s.task.diffusion.loss_per_example(s.task.unet, *draw_inputs(s)).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # each stretch named for `python -m dp.breakdown` (a no-op unless a profiler records)
+        with phase("nonprivate.inputs"):
+            inputs = draw_inputs(s)
+        with phase("nonprivate.forward"):
+            loss = s.task.diffusion.loss_per_example(s.task.unet, *inputs).mean()
+        with phase("nonprivate.backward"):
+            loss.backward()
+        with phase("nonprivate.update"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         s.step += 1
     return step
 

@@ -24,6 +24,9 @@ model at small cost", book-keeping; Li et al. 2022 for the ghost norm):
   5. `_layer_sums`: the clipped sum layer by layer: sum_i c_i g_i over a kept per-sample gradient, else
      (c * d)^T a for a Linear weight: one matrix product.
 
+Each step, and each layer's share of steps 3 and 5 by `_kind`, is a named range for profiles (dp/phases.py: a
+`torch.profiler.record_function` while a profiler records, else nothing): `python -m dp.breakdown` times them.
+
 Supported owners of selected parameters: nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, each
 called at most once per forward (a module not called has a zero gradient). Anything else raises
 `Unsupported` (use --grad-method vmap).
@@ -36,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dp.phases import phase
 from kernels.clip_noise import clip_factors
 
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
@@ -173,6 +177,15 @@ def _kept(layers):
     return kept, total
 
 
+def _kind(layer, kept):
+    """How steps 3 and 5 treat this layer, as its profile range names it: 'Linear kept' (per-sample weight
+    gradients kept: `kept` True), 'Linear ghost' (ghost norm, then one matrix product), or the module type
+    (per-sample gradients formed directly: norm layers, a Linear whose weight is not selected, the embedding)."""
+    if isinstance(layer.module, nn.Linear) and "weight" in layer.chosen:
+        return "Linear kept" if kept else "Linear ghost"
+    return type(layer.module).__name__
+
+
 _WORKSPACE = {}  # device -> flat fp32 tensor: the kept per-sample gradients of the micro-batch being clipped
 
 
@@ -197,21 +210,27 @@ def tensor_sq_norms(layers):
     kept, total = _kept(layers)
     space = _workspace(total, layers[0].d.device) if kept else None
     for i, layer in enumerate(layers):
-        m, a, d = layer.module, layer.calls[0][0], layer.d
-        ps = layer.per_sample(d)
-        direct.append(ps)
-        if isinstance(m, nn.Linear) and "weight" in layer.chosen:
-            a2, d2 = _tokens(a.float()), _tokens(d)
-            if i in kept:  # (b, o, i), kept: the clipped sum is then a weighted sum
-                start, stop = kept[i]
-                ps["weight"] = torch.bmm(d2.transpose(1, 2), a2, out=space[start:stop].view(len(a2), *m.weight.shape))
-            else:
-                sq[layer.chosen["weight"]] = _linear_weight_sq_norms(a2, d2)
-        for local, g in ps.items():
-            sq[layer.chosen[local]] = _sq_norms(g)
-        if isinstance(m, nn.Embedding):
-            sq[layer.chosen["weight"]] = _sq_norms(d)  # example i's gradient: d_i in row y_i
+        with phase(f"bookkeeping.norms {_kind(layer, i in kept)}"):
+            direct.append(_layer_sq_norms(layer, sq, space[slice(*kept[i])] if i in kept else None))
     return sq, direct
+
+
+def _layer_sq_norms(layer, sq, slot):
+    """Step 3 for one layer: adds its tensors' (b,) squared norms to `sq` and returns its direct per-sample
+    gradients; a Linear weight's are built in `slot` (its part of the workspace) when kept, else ghost-normed."""
+    m, a, d = layer.module, layer.calls[0][0], layer.d
+    ps = layer.per_sample(d)
+    if isinstance(m, nn.Linear) and "weight" in layer.chosen:
+        a2, d2 = _tokens(a.float()), _tokens(d)
+        if slot is not None:  # (b, o, i), kept: the clipped sum is then a weighted sum
+            ps["weight"] = torch.bmm(d2.transpose(1, 2), a2, out=slot.view(len(a2), *m.weight.shape))
+        else:
+            sq[layer.chosen["weight"]] = _linear_weight_sq_norms(a2, d2)
+    for local, g in ps.items():
+        sq[layer.chosen[local]] = _sq_norms(g)
+    if isinstance(m, nn.Embedding):
+        sq[layer.chosen["weight"]] = _sq_norms(d)  # example i's gradient: d_i in row y_i
+    return ps
 
 
 def joint_norms(sq):
@@ -252,17 +271,20 @@ def clipped_sum(unet, diffusion, params, z0, y, t, noise, clip):
     """sum_i min(1, C / (||g_i|| + EPS)) g_i over the b examples, g_i the gradient of example i's diffusion
     loss w.r.t. all selected parameters jointly. Returns ([fp32 tensor per parameter in `params` order], norms (b,)).
     """
-    layers, unused = _capture(unet, diffusion, params, z0, y, t, noise)
+    with phase("bookkeeping.capture"):
+        layers, unused = _capture(unet, diffusion, params, z0, y, t, noise)
     out = {full: torch.zeros(params[full].shape, device=z0.device)
            for layer in unused for full in layer.chosen.values()}
     if not layers:  # nothing selected lies on the forward path: every gradient is zero
         return [out[n] for n in params], torch.zeros(len(z0), device=z0.device)
     sq, direct = tensor_sq_norms(layers)
-    factors, norms = tensor_factors(sq, clip)
-    finite = torch.isfinite(norms)
-    if not bool(finite.all()):
-        _drop_examples(layers, direct, finite)
+    with phase("bookkeeping.factors"):
+        factors, norms = tensor_factors(sq, clip)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            _drop_examples(layers, direct, finite)
     for layer, ps in zip(layers, direct):
-        out.update(_layer_sums(layer, ps, factors))
+        with phase(f"bookkeeping.sums {_kind(layer, 'weight' in ps)}"):
+            out.update(_layer_sums(layer, ps, factors))
         layer.calls, layer.d = [], None
     return [out[n].reshape(p.shape) for n, p in params.items()], norms

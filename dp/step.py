@@ -23,6 +23,7 @@ import torch
 
 from dp.bookkeeping import clipped_sum
 from dp.per_sample import per_sample_grads
+from dp.phases import phase
 from dp.randomness import example_draws, noise_key, poisson_sample
 from kernels.clip_noise import clip_and_noise, gaussian_noise
 from ldm.distributed import Dist, all_reduce_sum_, broadcast_, shard
@@ -98,7 +99,9 @@ def gradient_sum(task, clip, secret, step, idx, dist=Dist()):
     total = [torch.zeros(s, dtype=torch.float32, device=device) for s in task.shapes]
     local = idx[shard(len(idx), dist)]
     for chunk in local.split(task.physical_batch) if len(local) else ():
-        for acc, g in zip(total, summed_gradients(task, clip, example_inputs(task, secret, step, chunk))):
+        with phase("dp.inputs"):
+            inputs = example_inputs(task, secret, step, chunk)
+        for acc, g in zip(total, summed_gradients(task, clip, inputs)):
             acc.add_(g)
     return total
 
@@ -115,10 +118,11 @@ def private_gradient(task, mech, secret, step, idx, dist=Dist(), extra=None):
         for acc, e in zip(total, extra):
             acc.add_(e)
     if mech.sigma > 0 and dist.main:
-        noise = gaussian_noise(task.shapes, mech.sigma * mech.clip, noise_key(secret, step), backend=task.backend,
-                               device=total[0].device)
-        for acc, n in zip(total, noise):
-            acc.add_(n)
+        with phase("dp.noise"):
+            noise = gaussian_noise(task.shapes, mech.sigma * mech.clip, noise_key(secret, step),
+                                   backend=task.backend, device=total[0].device)
+            for acc, n in zip(total, noise):
+                acc.add_(n)
     all_reduce_sum_(total, dist)
     return [t.div_(mech.divisor) for t in total]
 
@@ -137,11 +141,13 @@ def dp_step(task, mech, secret, step, optimizer, lr, ledger=None, dist=Dist()):
 
     Returns the released gradient (a list of tensors shaped like task.params).
     """
-    idx = shared_poisson_sample(secret, step, len(task.labels), mech.q, dist, task.labels.device)
+    with phase("dp.sample"):
+        idx = shared_poisson_sample(secret, step, len(task.labels), mech.q, dist, task.labels.device)
     if ledger is not None and dist.main:
         ledger.record(step)
     grads = private_gradient(task, mech, secret, step, idx, dist)
-    apply_update(optimizer, list(task.params.values()), grads, lr)
+    with phase("dp.update"):
+        apply_update(optimizer, list(task.params.values()), grads, lr)
     return grads
 
 

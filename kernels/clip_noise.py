@@ -140,9 +140,20 @@ def clip_factors(norms, max_norm):
 def gaussian_noise(shapes, noise_std, seed, *, backend="auto", device="cpu"):
     """N(0, noise_std^2) for every coordinate of tensors of `shapes`: a list of fp32 tensors.
 
-    The mechanism's noise, coordinate i of the flattened concatenation drawn from Philox at (seed, i), by
-    the kernel or the reference: `clip_and_noise` of zero examples.
+    The mechanism's noise, coordinate i of the flattened concatenation drawn from Philox at (seed, i): the
+    noise `clip_and_noise` adds to a sum of zero examples, by the kernel (backend triton, or auto on CUDA) or,
+    on the reference path, straight from `kernels.philox.coordinate_normals` times noise_std (the same numbers
+    bit for bit, without the reference's passes over an empty sum: 31 ms instead of 38 for the quick preset's
+    1.66M coordinates on one thread; tests/test_clip_noise.py).
     """
+    device = torch.device(device)
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        seed = _checked_scalars(1.0, noise_std, 1.0, seed)
+        sizes = [math.prod(s) for s in shapes]
+        noise = torch.zeros(sum(sizes), device=device)  # noise_std = 0: no draw needed, as in the reference
+        if noise_std > 0:
+            noise = coordinate_normals(seed, sum(sizes), device).mul_(noise_std)
+        return [v.view(s) for v, s in zip(noise.split(sizes), shapes)]
     empty = [torch.zeros((0, *s), dtype=torch.float32, device=device) for s in shapes]
     return clip_and_noise(empty, 1.0, noise_std, 1.0, seed, backend=backend)
 

@@ -254,6 +254,21 @@ def test_empty_batch_gives_noise_only(backend):
     assert norms.shape == (0,) and norms.dtype == torch.float32
 
 
+def test_gaussian_noise_is_the_noise_of_a_sum_of_zero_examples_bit_for_bit():
+    """The training step's noise (`gaussian_noise`, drawn straight from Philox on the reference path) is exactly
+    what `clip_and_noise` adds to an empty sum: same key, same numbers, each tensor its own coordinate range."""
+    shapes = [(3000,), (7, 11), (), (0, 4), (2, 3, 5)]
+    for key, std in ((5, 1.5), (2**63 + 5, 0.02), (2**64 - 1, 1.0)):
+        got = cn.gaussian_noise(shapes, std, key)
+        want = reference([torch.zeros(0, *s) for s in shapes], 1.0, std, 1.0, key)
+        assert [g.shape for g in got] == [torch.Size(s) for s in shapes]
+        assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+    assert all(not g.any() for g in cn.gaussian_noise(shapes, 0.0, 5))
+    assert_gaussian(flat(cn.gaussian_noise([(20_000,), (50, 40)], 2.0, 8)), 2.0)
+    with pytest.raises(UserError, match="noise_std"):
+        cn.gaussian_noise(shapes, -1.0, 5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_is_determined_by_the_seed(backend):
     grads = torch.zeros(0, 20_000)
