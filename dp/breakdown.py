@@ -39,7 +39,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dp.bench import GOAL_VS_NONPRIVATE, build_setup, nonprivate_step, ours_step
-from ldm.config import PRESETS
+from ldm.config import PRESETS, make_config
 
 METHODS = {"a": ("non-private", nonprivate_step), "b": ("ours (DP, bk)", ours_step)}
 PREFIXES = ("nonprivate.", "dp.", "bookkeeping.")  # the ranges named in dp/bench.py, dp/step.py, dp/bookkeeping.py
@@ -136,7 +136,7 @@ def parse_args(argv):
                         help="measure one method in this process (used by the main run for each subprocess)")
     args = parser.parse_args(argv)
     args.dp_blocks, args.dp_lora = None, 0  # build_setup's: the preset's trainable set
-    args.physical_batch = args.physical_batch or PRESETS[args.preset].get("physical_batch", 40)
+    args.physical_batch = args.physical_batch or make_config(args.preset).dp.physical_batch
     for name in ("batch", "physical_batch", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
