@@ -40,6 +40,7 @@ implementation. Our unclipped per-sample sum is compared with autograd's batch g
 The weights are random (a benchmark needs no trained model); zero-initialised weights (proj_out, conv2, conv_out)
 are redrawn from N(0, 0.02^2) so that every selected tensor gets a non-zero gradient. Noise here comes from a fixed
 seed: a benchmark, not a training run. Numbers depend on the machine and its load; run it more than once.
+Where the time of (a) and (b) goes, phase by phase: `python -m dp.breakdown` (dp/breakdown.py).
 """
 
 import argparse
