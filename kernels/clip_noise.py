@@ -117,18 +117,23 @@ def clip_and_noise_reference(grads, max_norm, noise_std, divisor, seed, *, retur
     finite = torch.isfinite(norms)
     if not bool(finite.all()):  # 0 x inf would be NaN: leave those examples out of the sum altogether
         flat, factor = [f[finite] for f in flat], factor[finite]
-    n_cols = sum(f.shape[1] for f in flat)
-    noise = torch.zeros(n_cols, device=device)  # noise_std = 0 (a micro-batch's share): no draw needed
-    if noise_std > 0:
-        noise = coordinate_normals(seed, n_cols, device)
+    noise = _scaled_normals(seed, sum(f.shape[1] for f in flat), noise_std, device)
     outs, offset = [], 0
     for f, g in zip(flat, tensors):
         n = f.shape[1]
         summed = factor @ f.to(torch.float32)  # (n,) = sum_b factor[b] * g[b]
-        outs.append(((summed + noise_std * noise[offset:offset + n]) / divisor).view(g.shape[1:]))
+        outs.append(((summed + noise[offset:offset + n]) / divisor).view(g.shape[1:]))
         offset += n
     result = outs[0] if single else outs
     return (result, norms) if return_norms else result
+
+
+def _scaled_normals(seed, n, noise_std, device):
+    """noise_std * `coordinate_normals(seed, n)`: (n,) fp32; zeros without a draw when noise_std is 0 (a
+    micro-batch's share of a step)."""
+    if noise_std > 0:
+        return coordinate_normals(seed, n, device).mul_(noise_std)
+    return torch.zeros(n, device=device)
 
 
 def clip_factors(norms, max_norm):
@@ -150,10 +155,7 @@ def gaussian_noise(shapes, noise_std, seed, *, backend="auto", device="cpu"):
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         seed = _checked_scalars(1.0, noise_std, 1.0, seed)
         sizes = [math.prod(s) for s in shapes]
-        noise = torch.zeros(sum(sizes), device=device)  # noise_std = 0: no draw needed, as in the reference
-        if noise_std > 0:
-            noise = coordinate_normals(seed, sum(sizes), device).mul_(noise_std)
-        return [v.view(s) for v, s in zip(noise.split(sizes), shapes)]
+        return [v.view(s) for v, s in zip(_scaled_normals(seed, sum(sizes), noise_std, device).split(sizes), shapes)]
     empty = [torch.zeros((0, *s), dtype=torch.float32, device=device) for s in shapes]
     return clip_and_noise(empty, 1.0, noise_std, 1.0, seed, backend=backend)
 

@@ -36,6 +36,10 @@ def test_every_phase_of_both_steps_is_named_and_they_account_for_the_step(smoke_
     for kind in ("Linear kept", "Linear ghost", "LayerNorm", "GroupNorm", "Embedding"):  # smoke has all five
         assert {f"bookkeeping.norms {kind}", f"bookkeeping.sums {kind}"} <= kinds
     assert not set(b["phases"]) & NONPRIVATE and not set(a["phases"]) & OURS
+    fixed = OURS | NONPRIVATE | {"other"} | {f"bookkeeping.{step} {kind}" for step in ("norms", "sums") for kind in
+                                             ("Linear kept", "Linear ghost", "Linear", "LayerNorm", "GroupNorm",
+                                              "Embedding")}
+    assert set(a["phases"]) | set(b["phases"]) <= fixed  # fixed names only: no data value reaches a range's name
     for r in (a, b):
         named = sum(ms for k, ms in r["phases"].items() if k != "other")
         assert all(ms >= 0 for k, ms in r["phases"].items() if k != "other")
