@@ -68,6 +68,7 @@ from dp.select import selection_size
 from dp.sensitivity import random_task
 from dp.step import Mechanism, Task, dp_step, example_inputs, make_optimizer, private_gradient
 from kernels.clip_noise import clip_and_noise_reference
+from kernels.machine import device_name, environment_line, timing_environment
 from ldm.config import PRESETS, make_config
 from ldm.errors import UserError
 
@@ -565,8 +566,7 @@ def main(argv=None):
     with_opacus = importlib.util.find_spec("opacus") is not None
     s = build_setup(args, torch.device("cpu"))
     n_train, share = selection_size(s.task.unet, s.task.params)
-    where = (torch.cuda.get_device_name() if args.device == "cuda"
-             else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    where = device_name(args.device)
     version = f"opacus {importlib.import_module('opacus').__version__}" if with_opacus else "opacus not installed"
     print(f"dp.bench: preset {args.preset}, UNet {sum(p.numel() for p in s.task.unet.parameters()):,} parameters, "
           f"trainable {n_train:,} ({100 * share:.1f}%) in blocks '{s.cfg.dp.dp_blocks}'"
@@ -574,6 +574,7 @@ def main(argv=None):
           f"{' + class embedding' if s.cfg.dp.dp_class_embed else ''}; "
           f"batch {args.batch}, physical batch {args.physical_batch}, C={s.cfg.dp.clip:g}, sigma={SIGMA:g}; "
           f"{where}; torch {torch.__version__}; {version}")
+    print(environment_line())
     del s
     methods = [m for m in METHODS if m not in OPACUS_METHODS or with_opacus]
     if args.sequential:
@@ -586,7 +587,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             shown = dict(vars(args), json=os.path.basename(args.json))  # no path of this machine in the file
-            json.dump({"args": shown, "device": where, "opacus": version, "trainable": n_train,
+            json.dump({"args": shown, "device": where, "environment": timing_environment(), "opacus": version, "trainable": n_train,
                        "results": results, "ratios": ratios, "sanity": check}, f, indent=1)
 
 

@@ -39,6 +39,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dp.bench import GOAL_VS_NONPRIVATE, build_setup, nonprivate_step, ours_step
+from kernels.machine import device_name, environment_line, timing_environment
 from ldm.config import PRESETS, make_config
 
 METHODS = {"a": ("non-private", nonprivate_step), "b": ("ours (DP, bk)", ours_step)}
@@ -153,12 +154,14 @@ def main(argv=None):
         results = measure(args)
     else:
         print(f"dp.breakdown: preset {args.preset}, batch {args.batch}, physical batch {args.physical_batch}, "
-              f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}")
+              f"{device_name('cpu')}, torch {torch.__version__}")
+        print(environment_line())
         results = {m: run_child(args, m) for m in METHODS}
         print("\n".join(report(results)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results if args.only else {"args": dict(vars(args), json=os.path.basename(args.json)),
+                                                 "device": device_name("cpu"), "environment": timing_environment(),
                                                  "results": results}, f, indent=1)
 
 

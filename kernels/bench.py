@@ -22,7 +22,6 @@ is no timing: the table then times the torch paths, and GB/s is the reference's 
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -30,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from kernels.clip_noise import clip_and_noise, clip_and_noise_reference
+from kernels.machine import device_name, environment_line, timing_environment
 
 CUDA_SIZES = [(b, p) for b in (64, 256, 1024) for p in (10**5, 10**6, 10**7)]
 CPU_SIZES = [(b, p) for b in (64, 256) for p in (10**5, 10**6)]
@@ -205,10 +205,10 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
 
     copy_bw = copy_bandwidth(device, args.repeats)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    name = device_name(device)
     print(f"clip_and_noise on {name}, {args.dtype}; bytes = 2 * B * P * elem_size + P * 4 "
           f"(gradients read twice, result written once); copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    print(environment_line())
     if device.type == "cpu":
         print("CPU: the Triton kernel only runs under the interpreter, which is no timing; "
               "timing the torch paths, GB/s of the reference")
@@ -228,7 +228,7 @@ def main(argv=None):
         print(f"skipped (gradients do not fit in memory with headroom): {', '.join(skipped)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "dtype": args.dtype, "copy_bandwidth_bytes_per_s": copy_bw,
+            json.dump({"device": name, "environment": timing_environment(), "dtype": args.dtype, "copy_bandwidth_bytes_per_s": copy_bw,
                        "formula": "2 * B * P * elem_size + P * 4", "rows": rows, "skipped": skipped}, f, indent=1)
 
 

@@ -15,13 +15,20 @@ from pathlib import Path
 
 import pytest
 
+from kernels.machine import environment_line, timing_environment
+
 REPO = Path(__file__).resolve().parents[1]
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None  # a benchmark-only dependency: a column when present
 
 
+def module_env():
+    """The environment the benchmarks run in here: this one, with one OpenMP thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_module(module, *argv):
     """`python -m module argv...` in the repository, one torch thread; its stdout (fails on a non-zero exit)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = module_env()
     cmd = [sys.executable, "-m", module, *argv]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(cmd[1:])} exited {done.returncode}:\n{done.stderr[-4000:]}"
@@ -54,6 +61,9 @@ def test_kernels_bench_smallest_cpu_run(tmp_path):
                         "--json", str(path))
     report = json.loads(path.read_text())
     assert report["device"].startswith("CPU") and report["dtype"] == "fp32" and report["skipped"] == []
+    assert report["environment"] == timing_environment(module_env())  # OMP_NUM_THREADS=1 at least
+    assert report["environment"]["OMP_NUM_THREADS"] == "1"
+    assert environment_line(module_env()) in stdout.splitlines()
     assert report["formula"] == "2 * B * P * elem_size + P * 4"
     copy_bw = report["copy_bandwidth_bytes_per_s"]
     positive_finite(copy_bw, "copy bandwidth")
@@ -141,6 +151,8 @@ def test_dp_bench_smallest_cpu_run(tmp_path):
     lines = stdout.splitlines()
     positive_finite(report["trainable"], "trainable")
     assert lines[0].startswith("dp.bench: preset smoke") and f"trainable {report['trainable']:,}" in lines[0]
+    assert report["environment"] == timing_environment(module_env()) and report["environment"]["OMP_NUM_THREADS"] == "1"
+    assert lines[1] == environment_line(module_env())  # what every method's subprocess inherited
     titles, rows = table(lines, "method")
     assert titles == ["method", "s/step", "samples/s", "CPU s/step", "peak RSS MiB", "+step MiB"]
     assert [row["method"] for row in rows] == [names[k] for k in results]

@@ -11,6 +11,7 @@ import pytest
 
 from dp.bench import GOAL_VS_NONPRIVATE
 from dp.breakdown import budget_ms, chatter, parse_args, report
+from kernels.machine import environment_line
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = {"bookkeeping.capture", "bookkeeping.factors", "dp.noise", "dp.update", "dp.sample", "dp.inputs"}
@@ -46,6 +47,8 @@ def test_every_phase_of_both_steps_is_named_and_they_account_for_the_step(smoke_
         assert 0.8 * r["profiled_step_ms"] <= named <= 1.05 * r["profiled_step_ms"]  # the ranges cover the step
         assert r["step_ms"] > 0
     assert "bookkeeping.capture" in stdout and "nonprivate.backward" in stdout
+    assert out["environment"]["OMP_NUM_THREADS"] == "1" and out["device"].startswith("CPU (")
+    assert stdout.splitlines()[1] == environment_line({**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_the_budget_line_is_the_goal_applied_to_the_nonprivate_step(smoke_run):
