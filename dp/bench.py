@@ -34,6 +34,9 @@ timed step of every method, the first one rotating. On a machine whose speed dri
 the same drift, so the ratios of one run are fair. Their memory adds up while they live together;
 `--sequential` times one method after another instead, as earlier versions did.
 
+The first lines name the machine and the environment variables set that change timings (kernels/machine.py);
+the JSON keeps both.
+
 Sanity check (main process, one batch): our clipped sum and Opacus's (sigma 0, C = the median per-sample norm,
 so half the examples are clipped) must agree; it also checks our per-sample gradients against an independent
 implementation. Our unclipped per-sample sum is compared with autograd's batch gradient as well.
