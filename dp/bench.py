@@ -464,8 +464,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             shown = dict(vars(args), json=os.path.basename(args.json))  # no path of this machine in the file
-            json.dump({"args": shown, "device": where, "environment": timing_environment(), "opacus": version, "trainable": n_train,
-                       "results": results, "ratios": ratios, "sanity": check}, f, indent=1)
+            json.dump({"args": shown, "device": where, "environment": timing_environment(), "opacus": version,
+                       "trainable": n_train, "results": results, "ratios": ratios, "sanity": check}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def run_child(args, method):
         path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "dp.breakdown", "--only", method, "--preset", args.preset, "--batch",
                str(args.batch), "--physical-batch", str(args.physical_batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--json", path] + (["--threads", str(args.threads)] if args.threads else [])
+               "--warmup", str(args.warmup), "--json", path]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         done = subprocess.run(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
         sys.stderr.write("".join(line for line in done.stderr.splitlines(keepends=True) if not chatter(line)))
         if done.returncode:

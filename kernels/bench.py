@@ -228,8 +228,9 @@ def main(argv=None):
         print(f"skipped (gradients do not fit in memory with headroom): {', '.join(skipped)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "environment": timing_environment(), "dtype": args.dtype, "copy_bandwidth_bytes_per_s": copy_bw,
-                       "formula": "2 * B * P * elem_size + P * 4", "rows": rows, "skipped": skipped}, f, indent=1)
+            json.dump({"device": name, "environment": timing_environment(), "dtype": args.dtype,
+                       "copy_bandwidth_bytes_per_s": copy_bw, "formula": "2 * B * P * elem_size + P * 4", "rows": rows,
+                       "skipped": skipped}, f, indent=1)
 
 
 if __name__ == "__main__":
