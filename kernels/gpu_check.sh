@@ -20,15 +20,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
 FETCH=(prv-accountant==0.2.0 opacus==1.6.0)  # requirements.txt's pin; the version dp.bench was measured with
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  PIP=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-  exec "$PIP" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  exec "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" "${FETCH[@]}"
 fi
 
 OUT=${1:-/tmp/gpu_check}
-PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 declare -a ROWS
@@ -70,5 +69,5 @@ PYEOF
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.pt' --exclude=site .
 echo
 cat "$OUT/summary.txt"
-for row in "${ROWS[@]}"; do case $row in *FAIL*) echo "failing step's log: tar -xzf $OUT/logs.tar.gz";; esac; done | sort -u
+printf '%s\n' "${ROWS[@]}" | grep -q FAIL && echo "failing steps' logs: tar -xzf $OUT/logs.tar.gz"
 rm -rf "$WORK"

@@ -109,7 +109,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
     lines = (out / "summary.txt").read_text().splitlines()
     assert any(line.startswith("dp-bench-quick") and "FAIL (rc 3)" in line for line in lines)
     assert any(line.startswith("smoke-sample") and "pass" in line for line in lines)
-    assert "failing step's log" in proc.stdout
+    assert "failing steps' logs" in proc.stdout
 
 
 @pytest.mark.parametrize("env_py, expected", [(None, "python3"), ("/opt/py", "/opt/py")])
